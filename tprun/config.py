@@ -1,0 +1,161 @@
+"""Configuration at the edges: pydantic models for the engine, parallelism, sampling and job specs.
+
+Inside the hot path the engine copies what it needs into plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingParams(_Strict):
+    """vLLM-compatible sampling parameters. temperature 0 means greedy."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, description="-1 or 0 disables top-k")
+    max_tokens: int = Field(16, gt=0)
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError("top_k must be -1 (disabled), 0 (disabled) or a positive integer")
+        return v
+
+
+class ParallelConfig(_Strict):
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
+class EngineConfig(_Strict):
+    model: str
+    dtype: Dtype = "auto"
+    seed: int = 0
+    block_size: int = Field(16, ge=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    # Fraction of free device memory (CUDA) the KV cache may take; on CPU the budget is kv_cache_memory.
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    kv_cache_memory: int | None = Field(None, ge=1, description="bytes for the KV cache on this rank")
+    num_gpu_blocks_override: int | None = Field(None, ge=1)
+    enforce_eager: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed_executor_backend: Literal["uni", "external_launcher"] = "external_launcher"
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    # Every this many steps the ranks of a TP group compare a hash of their sampled tokens (0: never).
+    divergence_check_interval: int = Field(16, ge=0)
+    dist_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir(cls, v: str) -> str:
+        return str(v)
+
+
+class Resources(_Strict):
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    procs_per_node: int | None = Field(None, ge=1, description="processes per node; default gpus or 1")
+    cpus_per_proc: int = Field(1, ge=1)
+    memory: str | None = Field(None, description="per node, Slurm/Kubernetes style (e.g. 64G / 64Gi)")
+
+    @property
+    def processes_per_node(self) -> int:
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+
+class SlurmOptions(_Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    constraint: str | None = None
+    extra_sbatch: list[str] = Field(default_factory=list, description="extra '#SBATCH' option lines")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
+    python: str = "python3"
+
+
+class Volume(_Strict):
+    name: str
+    mount_path: str
+    pvc: str | None = None
+    host_path: str | None = None
+    read_only: bool = False
+
+
+class KubernetesOptions(_Strict):
+    namespace: str = "default"
+    image: str = "tprun:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    volumes: list[Volume] = Field(default_factory=list)
+    service_account: str | None = None
+    master_port: int = Field(29500, gt=0, lt=65536)
+    dns_timeout_s: float = Field(300.0, gt=0)
+
+
+class JobSpec(_Strict):
+    """What `tprun run|render|submit` take from a YAML file; CLI flags override fields."""
+
+    name: str = Field("tprun", pattern=r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")
+    model: str
+    input: str
+    output: str
+    dtype: Dtype = "auto"
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    engine: dict[str, Any] = Field(default_factory=dict, description="extra EngineConfig fields")
+    resources: Resources = Field(default_factory=Resources)
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
+    chunk_size: int = Field(64, ge=1, description="records per work chunk claimed by a TP group")
+    on_bad_input: Literal["skip", "fail"] = "skip"
+
+    @model_validator(mode="after")
+    def _world_fits(self) -> "JobSpec":
+        procs = self.resources.nodes * self.resources.processes_per_node
+        if procs != self.parallel.world_size:
+            raise ValueError(
+                f"resources give {procs} processes (nodes({self.resources.nodes}) * procs_per_node"
+                f"({self.resources.processes_per_node})) but parallel needs tp"
+                f"({self.parallel.tensor_parallel_size}) * dp({self.parallel.data_parallel_size})"
+                f" = {self.parallel.world_size}; make them equal"
+            )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JobSpec":
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"job spec {path} does not exist") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"job spec {path} must be a YAML mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, dtype=self.dtype, parallel=self.parallel, **self.engine)
