@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 
@@ -132,17 +132,16 @@ class JobSpec(_Strict):
     chunk_size: int = Field(64, ge=1, description="records per work chunk claimed by a TP group")
     on_bad_input: Literal["skip", "fail"] = "skip"
 
-    @model_validator(mode="after")
-    def _world_fits(self) -> "JobSpec":
+    def check_resources(self) -> None:
+        """Render and submit need the resources to launch exactly tp * dp processes."""
         procs = self.resources.nodes * self.resources.processes_per_node
         if procs != self.parallel.world_size:
             raise ValueError(
                 f"resources give {procs} processes (nodes({self.resources.nodes}) * procs_per_node"
                 f"({self.resources.processes_per_node})) but parallel needs tp"
                 f"({self.parallel.tensor_parallel_size}) * dp({self.parallel.data_parallel_size})"
-                f" = {self.parallel.world_size}; make them equal"
+                f" = {self.parallel.world_size}; set resources.nodes / resources.procs_per_node to match"
             )
-        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "JobSpec":
