@@ -8,8 +8,11 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
+@dataclass
 class TPGroup:
+    """One instance is shared by every layer of a model, so re-initialising the process group
+    (reinitialize_distributed) only has to swap `group` here."""
+
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None  # None with size 1: no collectives at all

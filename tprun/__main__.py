@@ -1,0 +1,3 @@
+from tprun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""The engine loop: schedule -> run the model -> post-process -> collect finished.
+
+Every rank runs this same loop on the same requests; determinism of the scheduler and the seeded
+sampler is what keeps the ranks of a TP group in lockstep.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from tprun.config import EngineConfig, SamplingParams
+from tprun.engine.block_manager import BlockManager
+from tprun.engine.scheduler import Scheduler
+from tprun.engine.sequence import Sequence
+from tprun.executor import EXECUTORS
+from tprun.worker.step import SamplingOptions, StepInput
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = EXECUTORS[config.distributed_executor_backend](config)
+        worker = self.executor.worker
+        self.max_model_len = worker.max_model_len
+        self.eos_token_ids = _eos_ids(worker.hf_config)
+        num_blocks = self.executor.determine_num_available_blocks()
+        self.executor.initialize_cache(num_blocks)
+        self.scheduler = Scheduler(
+            BlockManager(num_blocks, config.block_size), config.max_num_seqs,
+            max(config.max_num_batched_tokens, self.max_model_len), self.max_model_len,
+        )
+        self._ids = itertools.count()
+        self._finished_since_step: list[int] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return self.scheduler.block_manager.num_blocks
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, default_seed: int) -> Sequence:
+        options = SamplingOptions(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            max_tokens=params.max_tokens, seed=default_seed if params.seed is None else params.seed,
+            stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
+        )
+        seq = Sequence(next(self._ids), list(prompt_token_ids), options, self.eos_token_ids)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        batch = self.scheduler.schedule()
+        finished = self._drain_early()
+        if batch is None:
+            if self.scheduler.has_unfinished() and not finished:
+                raise RuntimeError("scheduler made no progress with requests pending (a bug)")
+            return finished
+        step = StepInput([s.step_input(n) for s, n in zip(batch.seqs, batch.num_new_tokens)],
+                         batch.is_prefill, self._finished_since_step)
+        self._finished_since_step = []
+        token_ids = self.executor.execute_model(step)
+        finished += self.scheduler.postprocess(batch, token_ids)
+        self._finished_since_step += [s.seq_id for s in finished]
+        return finished
+
+    def _drain_early(self) -> list[Sequence]:
+        early, self.scheduler.finished_early = self.scheduler.finished_early, []
+        return early
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _eos_ids(hf_config) -> frozenset[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
