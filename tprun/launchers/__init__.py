@@ -10,10 +10,12 @@ import os
 from typing import Mapping
 
 from tprun.launchers.base import DistributedArgs, Launcher, LauncherError
+from tprun.launchers.kubernetes import KubernetesLauncher
 from tprun.launchers.local import LocalLauncher
+from tprun.launchers.lws import LWSLauncher
 from tprun.launchers.torchrun import TorchrunLauncher
 
-LAUNCHERS: list[type[Launcher]] = [TorchrunLauncher, LocalLauncher]
+LAUNCHERS: list[type[Launcher]] = [TorchrunLauncher, LWSLauncher, KubernetesLauncher, LocalLauncher]
 
 
 def detect_launcher(environ: Mapping[str, str] | None = None) -> Launcher:
