@@ -48,7 +48,7 @@ def init_distributed(dargs, backend: str, tp_size: int, dp_size: int, timeout_s:
     """dargs: a DistributedArgs (duck-typed: the worker does not import the launchers)."""
     check_world(dargs.world_size, tp_size, dp_size)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = _make_store(dargs, timeout)
+    store = _job_store(dargs, timeout)
     if dist.is_initialized():
         log.warning("a default process group already exists; tprun replaces it")
         dist.destroy_process_group()
@@ -70,6 +70,22 @@ def init_distributed(dargs, backend: str, tp_size: int, dp_size: int, timeout_s:
         store=store, world_group=world, world_cpu_group=world_cpu, tp_group=tp_group,
         tp_cpu_group=tp_cpu, tp_group_ranks=my_ranks,
     )
+
+
+# One TCPStore per master address for the life of the process. Tearing a store down and binding the
+# same port again races with the peers' reconnects, so a second LLM in the same process (or a
+# reinitialised group on the same master) reuses it under a fresh key prefix. Every rank creates its
+# engines in the same order, so the prefixes agree.
+_STORES: dict[tuple[str, int, int], dist.Store] = {}
+_GENERATION = [0]
+
+
+def _job_store(dargs, timeout: datetime.timedelta) -> dist.Store:
+    key = (dargs.master_addr, dargs.master_port, dargs.rank)
+    if key not in _STORES:
+        _STORES[key] = _make_store(dargs, timeout)
+    _GENERATION[0] += 1
+    return dist.PrefixStore(f"tprun/{_GENERATION[0]}/", _STORES[key])
 
 
 def _make_store(dargs, timeout: datetime.timedelta) -> dist.Store:

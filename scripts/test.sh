@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets everything up, starts a real 2-node Slurm on this host (root; skipped otherwise), runs the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+slurm_up=0
+if [ "$(id -u)" = 0 ] && [ -z "${TPRUN_NO_SLURM:-}" ]; then
+  bash scripts/slurm-up.sh && slurm_up=1
+fi
+trap '[ $slurm_up = 1 ] && bash scripts/slurm-down.sh || true' EXIT
+ruff check tprun tests benchmarks
+python -m pytest -q -ra "$@"
