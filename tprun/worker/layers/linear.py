@@ -46,6 +46,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, tp: TPGroup, what: str):
         self.output_sizes = output_sizes
         self.output_sizes_per_rank = [divide(size, tp.size, what) for size in output_sizes]
+        self.shard_ids = tuple(range(len(output_sizes)))  # the parts the loader must fill
         super().__init__(input_size, sum(output_sizes), bias, tp, what)
 
     def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: int) -> None:
@@ -60,6 +61,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     With fewer KV heads than ranks, KV heads are replicated as vLLM does: each rank holds one KV head,
     number rank * num_kv_heads // tp, so the ranks sharing a KV head are the ones whose query heads use it.
     """
+
+    shard_ids = ("q", "k", "v")  # the parts the loader must fill
 
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup

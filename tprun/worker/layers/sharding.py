@@ -35,7 +35,7 @@ def load_shard(dst: torch.Tensor, loaded: CheckpointTensor, dim: int, start: int
     dst.copy_(loaded[index])
 
 
-def load_replicated(param: torch.Tensor, loaded: CheckpointTensor, shard_id: None = None) -> None:
+def load_replicated(param: torch.Tensor, loaded: CheckpointTensor) -> None:
     """Every rank holds the whole tensor (norm weights)."""
     load_shard(param.data, loaded, dim=0, start=0, full_len=param.shape[0])
 

@@ -1,0 +1,25 @@
+"""RMSNorm, numerically identical to transformers' LlamaRMSNorm (the float64 equality tests rely on it)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tprun.worker.layers.sharding import CheckpointTensor, load_replicated, new_param
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = new_param(hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, in that order, exactly as transformers does.
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(input_dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: None = None) -> None:
+        load_replicated(param, loaded)

@@ -1,0 +1,173 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) on tensor-parallel layers.
+
+Module names follow transformers', so checkpoint names map one to one apart from the fusions listed in
+tp_plan.py (q/k/v -> qkv_proj, gate/up -> gate_up_proj). The numerics follow transformers' too: the
+float64 tests compare logits with it to rounding error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tprun.worker.attention_metadata import AttentionMetadata
+from tprun.worker.layers import (
+    Attention,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    apply_rotary,
+    rope_parameters,
+)
+from tprun.worker.loader import load_weights
+from tprun.worker.parallel import TPGroup
+
+
+def head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def sliding_window(cfg: Any, layer_idx: int) -> int | None:
+    """Qwen2/Qwen3 name a per-layer attention type; Mistral applies `sliding_window` to every layer."""
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return getattr(cfg, "sliding_window", None)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, layer_idx: int, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.head_dim = head_dim(cfg)
+        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, self.head_dim, cfg.num_attention_heads, num_kv_heads, qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim,
+            cfg.hidden_size,
+            getattr(cfg, "attention_bias", False),
+            tp,
+            what="num_attention_heads * head_dim",
+        )
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = qk_norm
+        self.attn = Attention(
+            self.qkv_proj.num_heads_per_rank,
+            self.qkv_proj.num_kv_heads_per_rank,
+            self.head_dim,
+            scale=self.head_dim**-0.5,
+            sliding_window=sliding_window(cfg, layer_idx),
+        )
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(x.shape[0], -1, self.head_dim)
+        k = k.view(x.shape[0], -1, self.head_dim)
+        v = v.view(x.shape[0], -1, self.head_dim)
+        if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any, tp: TPGroup):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; the Llama family uses 'silu'")
+        bias = getattr(cfg, "mlp_bias", False)
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias, tp, "intermediate_size")
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias, tp, "intermediate_size")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, layer_idx: int, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx, tp, qkv_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg, tp)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: Any, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, tp, qkv_bias, qk_norm) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(head_dim(cfg), rope_parameters(cfg))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    qk_norm = False  # Qwen3 normalises q and k per head
+    always_qkv_bias = False  # Qwen2 has q/k/v biases whatever attention_bias says
+
+    def __init__(self, cfg: Any, tp: TPGroup):
+        super().__init__()
+        self.config = cfg
+        qkv_bias = self.always_qkv_bias or getattr(cfg, "attention_bias", False)
+        self.model = LlamaModel(cfg, tp, qkv_bias, self.qk_norm)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        if getattr(cfg, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids and positions [T] -> final hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden_size] -> [N, vocab_size], the full vocabulary on every rank."""
+        return self.lm_head.compute_logits(hidden)
+
+    def load_weights(self, model_dir: str | Path) -> None:
+        load_weights(self, model_dir)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass  # Llama plus a sliding window, which comes from the config
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    always_qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
