@@ -112,7 +112,9 @@ class KubernetesOptions(_Strict):
     volumes: list[Volume] = Field(default_factory=list)
     service_account: str | None = None
     master_port: int = Field(29500, gt=0, lt=65536)
-    dns_timeout_s: float = Field(300.0, gt=0)
+    dns_timeout_s: float = Field(300.0, gt=0, description="how long pods wait for pod 0's DNS name")
+    working_dir: str | None = Field(None, description="container working dir; relative spec paths start here")
+    run_as_user: int = Field(1000, ge=1, description="non-root uid (and gid) the container runs as")
 
 
 class JobSpec(_Strict):
