@@ -7,12 +7,14 @@ index; the rest comes from variables the rendered manifest sets (k8s_render.py).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tprun.launchers.pod import PodLauncher
 
 
 class KubernetesLauncher(PodLauncher):
     name = "kubernetes"
-    env = {
+    env: ClassVar[dict[str, str]] = {
         "pod_index": "JOB_COMPLETION_INDEX",
         "num_pods": "TPRUN_NUM_PODS",
         "job_name": "TPRUN_JOB_NAME",

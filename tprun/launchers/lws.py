@@ -6,12 +6,14 @@ LWS (>= 0.6) injects all three variables; LWS_LEADER_ADDRESS is the leader's DNS
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tprun.launchers.pod import PodLauncher
 
 
 class LWSLauncher(PodLauncher):
     name = "lws"
-    env = {
+    env: ClassVar[dict[str, str]] = {
         "pod_index": "LWS_WORKER_INDEX",
         "num_pods": "LWS_GROUP_SIZE",
         "master_addr": "LWS_LEADER_ADDRESS",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from tprun.launchers.base import Launcher, LauncherError
 
