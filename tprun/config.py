@@ -87,11 +87,77 @@ class SlurmOptions(_Strict):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str = "01:00:00"
+    time: str = Field("01:00:00", description="time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS")
     constraint: str | None = None
-    extra_sbatch: list[str] = Field(default_factory=list, description="extra '#SBATCH' option lines")
+    extra_sbatch: list[str] = Field(default_factory=list, description="extra sbatch options ('--x=y')")
     setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
+    srun_args: list[str] = Field(default_factory=list, description="extra srun options ('--x=y')")
+    # The sbatch tasks run `python -m tprun run`; it must find tprun (a venv's python, or PATH).
+    # submit (submitit) defaults to the submitting interpreter unless this is set explicitly.
     python: str = "python3"
+    chdir: str | None = Field(None, description="working directory of the job (relative paths start here)")
+    # Sent to every task this long before the time limit: tprun stops claiming work, finishes the chunk in
+    # flight and exits 75, and the job requeues itself (at most max_requeues times) to resume.
+    signal: str = "USR1@90"
+    requeue: bool = True
+    max_requeues: int = Field(5, ge=0)
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        cls.minutes(v)
+        return v
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"(SIG)?(USR1|USR2|TERM|INT)@[0-9]+", v):
+            raise ValueError(
+                f"signal {v!r} must be SIGNAL@SECONDS with SIGNAL one of USR1, USR2, TERM, INT (the "
+                "signals on which tprun stops cleanly), e.g. 'USR1@90'"
+            )
+        return v
+
+    @field_validator("extra_sbatch", "srun_args")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for opt in v:
+            if not opt.lstrip().startswith("-"):
+                raise ValueError(f"{opt!r} is not an option; write it as '--name=value' (e.g. '--exclusive')")
+        return v
+
+    @property
+    def time_minutes(self) -> int:
+        return self.minutes(self.time)
+
+    @staticmethod
+    def minutes(v: str) -> int:
+        """Slurm's --time formats, in whole minutes (rounded up)."""
+        import re
+
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", v.strip())
+        if not m:
+            raise ValueError(f"time {v!r} is not a Slurm time limit; use MM, HH:MM:SS or D-HH:MM:SS")
+        days, a, b, c = m.groups()
+        if days is not None:  # D-HH[:MM[:SS]]
+            secs = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+        elif c is not None:  # HH:MM:SS
+            secs = int(a) * 3600 + int(b) * 60 + int(c)
+        else:  # MM[:SS]
+            secs = int(a) * 60 + int(b or 0)
+        if secs <= 0:
+            raise ValueError(f"time {v!r} must be positive")
+        return -(-secs // 60)
+
+    @property
+    def signal_name(self) -> str:
+        return self.signal.split("@")[0].removeprefix("SIG")
+
+    @property
+    def signal_seconds(self) -> int:
+        return int(self.signal.split("@")[1])
 
 
 class Volume(_Strict):

@@ -13,9 +13,10 @@ from tprun.launchers.base import DistributedArgs, Launcher, LauncherError
 from tprun.launchers.kubernetes import KubernetesLauncher
 from tprun.launchers.local import LocalLauncher
 from tprun.launchers.lws import LWSLauncher
+from tprun.launchers.slurm import SlurmLauncher
 from tprun.launchers.torchrun import TorchrunLauncher
 
-LAUNCHERS: list[type[Launcher]] = [TorchrunLauncher, LWSLauncher, KubernetesLauncher, LocalLauncher]
+LAUNCHERS: list[type[Launcher]] = [TorchrunLauncher, LWSLauncher, KubernetesLauncher, SlurmLauncher, LocalLauncher]
 
 
 def detect_launcher(environ: Mapping[str, str] | None = None) -> Launcher:
