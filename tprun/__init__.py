@@ -18,5 +18,6 @@ def __getattr__(name: str):
     if name == "submit":
         from tprun.submit import submit
 
+        globals()["submit"] = submit  # importing the submodule bound tprun.submit to the module
         return submit
     raise AttributeError(name)
