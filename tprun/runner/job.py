@@ -1,0 +1,361 @@
+"""`tprun run`: a JSONL file in, OUT/results.jsonl out, for DP x TP jobs that survive.
+
+    preflight (every rank, local files only) -> engine (rendezvous) -> same-job check (one all_gather)
+    -> claim chunk / generate / write part, until no chunk is left or a stop signal
+    -> rank 0 merges when every group is done -> every rank exits with rank 0's verdict
+
+Exit codes: tprun/runner/exit_codes.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tprun.config import JobSpec
+from tprun.runner import keys, manifest, parts
+from tprun.runner.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_JOB_ERROR,
+    EXIT_OK,
+    EXIT_PEER_FAILED,
+    EXIT_REQUEUE,
+)
+from tprun.runner.inputs import InputIndex, Record, sampling_for, scan_input
+from tprun.runner.preflight import JobError, check_input, check_model, check_output, check_world
+from tprun.runner.progress import Progress, format_summary
+
+# How often a rank proves it is alive, and how long a silent rank has before it is declared lost.
+# Detection + reaction stays well inside the 60 s a dead rank may keep the others waiting.
+HEARTBEAT_S = float(os.environ.get("TPRUN_HEARTBEAT_S", "2"))
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("TPRUN_HEARTBEAT_TIMEOUT_S", "30"))
+POLL_S = 0.2
+
+
+class _Log:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.prefix = "tprun: " if world_size == 1 else f"tprun[rank {rank}]: "
+
+    def __call__(self, msg: str) -> None:
+        print(self.prefix + msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Plan:
+    spec: JobSpec
+    out: Path
+    rank: int
+    world_size: int
+    vocab_size: int | None
+    index: InputIndex
+    identity: dict[str, Any]
+    state: manifest.State
+    log: _Log
+    job_seed: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run_job(spec: JobSpec, *, overwrite: bool = False, quiet: bool = False) -> int:
+    """Run one process's share of the job; returns the process exit code (see exit_codes.py)."""
+    try:
+        plan = _preflight(spec, overwrite)
+    except JobError as e:
+        print(f"tprun: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_JOB_ERROR
+    if isinstance(plan, int):
+        return plan
+    return _run(plan, quiet)
+
+
+def _preflight(spec: JobSpec, overwrite: bool) -> _Plan | int:
+    """Everything that can be decided from local files, identically on every rank, before rendezvous."""
+    from pydantic import ValidationError
+
+    from tprun.launchers import LauncherError, detect_launcher
+
+    try:
+        dargs = detect_launcher().distributed_args()
+    except LauncherError as e:
+        raise JobError(str(e)) from None
+    check_world(spec, dargs.world_size, dargs.launcher)
+    log = _Log(dargs.rank, dargs.world_size)
+    try:
+        engine_config = spec.engine_config()
+    except ValidationError as e:
+        raise JobError(f"invalid engine settings: {e}") from None
+    check_input(spec.input)
+    model = check_model(spec.model)
+    check_output(spec.output)
+    out = Path(spec.output)
+    try:
+        index = scan_input(spec.input, spec.chunk_size, spec.sampling, model.vocab_size)
+    except OSError as e:
+        raise JobError(f"cannot read input {spec.input}: {e.strerror}") from None
+    identity = manifest.job_identity(spec, index.sha256, index.num_lines, model.identity)
+    state = manifest.check(out, identity, overwrite)
+    if state == "complete":
+        if dargs.rank == 0:
+            log(f"{out} already holds this job's complete results ({out / parts.SUCCESS} exists); "
+                "nothing to do")
+        return EXIT_OK
+
+    if index.errors:
+        shown = "\n  ".join(str(e) for e in index.errors[:5])
+        more = f"\n  ... and {len(index.errors) - 5} more" if len(index.errors) > 5 else ""
+        if spec.on_bad_input == "fail" or index.num_records == 0:
+            if dargs.rank == 0:
+                parts.write_errors(out, [e.as_json() for e in index.errors])
+            why = ("--on-bad-input fail" if index.num_records
+                   else f"none of the {index.num_lines} lines is a valid record")
+            log(f"error: {len(index.errors)} bad input line(s) in {spec.input} ({why}); all listed in "
+                f"{out / parts.ERRORS}:\n  {shown}{more}")
+            return EXIT_BAD_INPUT
+        if dargs.rank == 0:
+            log(f"skipping {len(index.errors)} bad input line(s) (listed in {out / parts.ERRORS} at the end):"
+                f"\n  {shown}{more}")
+    elif index.num_records == 0:
+        log(f"error: input {spec.input} has no records")
+        return EXIT_BAD_INPUT
+
+    return _Plan(spec=spec, out=out, rank=dargs.rank, world_size=dargs.world_size,
+                 vocab_size=model.vocab_size, index=index, identity=identity, state=state, log=log,
+                 job_seed=engine_config.seed)
+
+
+def _run(plan: _Plan, quiet: bool) -> int:
+    spec, log = plan.spec, plan.log
+    if plan.rank == 0:
+        # Before the rendezvous: no other rank writes into OUT until the all_gather below, which needs rank 0.
+        manifest.prepare(plan.out, plan.identity, plan.state)
+        parts.remove_stale_temporaries(plan.out)
+    from tprun.engine.llm import LLM
+
+    try:
+        llm = LLM(model=spec.model, tensor_parallel_size=spec.parallel.tensor_parallel_size,
+                  data_parallel_size=spec.parallel.data_parallel_size, dtype=spec.dtype, **spec.engine)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        log(f"error: {e}")
+        return EXIT_JOB_ERROR
+    except Exception as e:  # noqa: BLE001 - any engine start failure becomes an exit code, not a traceback
+        log(f"error: the engine failed to start: {type(e).__name__}: {e}")
+        return EXIT_FAILED
+    try:
+        return _run_engine(plan, llm, quiet)
+    finally:
+        llm.shutdown()
+
+
+def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
+
+    from tprun.runner.chunks import ChunkClaimer
+    from tprun.runner.signals import StopFlag
+    from tprun.runner.watchdog import Watchdog
+
+    ctx, log = llm.dist, plan.log
+    try:
+        _check_same_job(plan, ctx)
+    except JobError as e:
+        log(f"error: {e}")
+        return EXIT_JOB_ERROR
+    except (RuntimeError, OSError) as e:
+        log(f"error: ranks could not compare their view of the job: {e}")
+        return EXIT_PEER_FAILED
+
+    watchdog = Watchdog(ctx.store, ctx.rank, ctx.world_size, period_s=HEARTBEAT_S,
+                        timeout_s=HEARTBEAT_TIMEOUT_S, log=log).start()
+    stop = StopFlag(log=log).install()
+    progress = None
+    if ctx.rank == 0:
+        done_before = sum(parts.read_done(plan.out, k)["records"] for k in range(plan.index.num_chunks)
+                          if parts.is_done(plan.out, k))
+        progress = Progress(ctx.store, total=plan.index.num_records, already_done=done_before,
+                            quiet=quiet).start()
+    claimer = ChunkClaimer(ctx.store, num_chunks=plan.index.num_chunks,
+                           is_done=lambda k: parts.is_done(plan.out, k), tp_rank=ctx.tp_rank,
+                           tp_size=ctx.tp_size, tp_group=ctx.tp_cpu_group, stop=stop)
+    t0 = time.monotonic()
+    failed = False
+    try:
+        group = _work(plan, llm, claimer)
+        if ctx.is_tp_leader:
+            ctx.store.set(keys.group_result(ctx.dp_rank), json.dumps(group))
+        if ctx.rank == 0:
+            code = _finish(plan, ctx, watchdog, progress, time.monotonic() - t0)
+            progress = None
+            ctx.store.set(keys.FINAL, str(code))
+        else:
+            code = _await(ctx.store, keys.FINAL, watchdog)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it and stop
+        code, failed = _failed(e, plan, ctx, watchdog), True
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+    watchdog.stop()
+    if failed and ctx.world_size > 1:
+        # Peers are gone or going, and the process group may be broken mid-collective: a normal
+        # interpreter teardown can then abort inside gloo's threads and lose the exit code.
+        _hard_exit(code, ctx.rank)
+    if not failed:
+        _leave(ctx)
+    return code
+
+
+def _check_same_job(plan: _Plan, ctx: Any) -> None:
+    """Every rank must have read the same input, model and spec, and see the same OUT."""
+    import torch.distributed as dist
+
+    mine = (manifest.fingerprint(plan.identity), socket.gethostname())
+    views: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(views, mine, group=ctx.world_cpu_group)
+    odd = [r for r, (fp, _) in enumerate(views) if fp != views[0][0]]
+    if odd:
+        raise JobError(
+            f"rank(s) {odd} (on {sorted({views[r][1] for r in odd})}) read a different input, model or spec "
+            f"than rank 0 (on {views[0][1]}); every rank needs the same files, e.g. on a shared filesystem"
+        )
+    # Rank 0 wrote the manifest before the all_gather; a leader that cannot see it writes elsewhere.
+    if ctx.is_tp_leader and manifest.load(plan.out) is None:
+        raise JobError(
+            f"{plan.out} on {socket.gethostname()} does not show the manifest rank 0 wrote on {views[0][1]}; "
+            "--output must be a directory shared by all nodes"
+        )
+
+
+def _work(plan: _Plan, llm: Any, claimer: Any) -> dict[str, Any]:
+    """This TP group's loop; returns its stats for this run."""
+    ctx, spec = llm.dist, plan.spec
+    stats = {"group": ctx.dp_rank, "ranks": ctx.tp_group_ranks, "chunks": 0, "records": 0, "tokens": 0,
+             "seconds": 0.0, "stopped": None}
+    while (k := claimer.next()) is not None:
+        records = plan.index.read_chunk(k, spec.sampling, plan.vocab_size)
+        t = time.monotonic()
+        outs = llm.generate([r.engine_prompt() for r in records],
+                            [sampling_for(r, spec.sampling, plan.job_seed) for r in records]) if records else []
+        seconds = time.monotonic() - t
+        results = [_result(r, o) for r, o in zip(records, outs)]
+        tokens = sum(len(r["output_token_ids"]) for r in results)
+        if ctx.is_tp_leader:
+            parts.write_part(plan.out, k, results, {
+                "chunk": k, "records": len(results), "tokens": tokens, "seconds": round(seconds, 3),
+                "group": ctx.dp_rank, "host": socket.gethostname(), "finished_at": time.time(),
+            })
+            ctx.store.add(keys.RECORDS_DONE, len(results))
+            ctx.store.add(keys.TOKENS_DONE, tokens)
+        stats["chunks"] += 1
+        stats["records"] += len(results)
+        stats["tokens"] += tokens
+        stats["seconds"] = round(stats["seconds"] + seconds, 3)
+    stats["stopped"] = claimer.stopped
+    return stats
+
+
+def _result(record: Record, out: Any) -> dict[str, Any]:
+    c = out.outputs[0]
+    res = {"line": record.line, "id": record.id, "output_text": c.text, "output_token_ids": list(c.token_ids),
+           "finish_reason": c.finish_reason, "num_prompt_tokens": len(out.prompt_token_ids)}
+    if c.finish_reason == "error":
+        res["error"] = c.error
+    return res
+
+
+def _finish(plan: _Plan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
+    """Rank 0: wait for every group, then merge (all chunks done) or ask for a requeue (stopped)."""
+    groups = [json.loads(_await(ctx.store, keys.group_result(g), watchdog, raw=True))
+              for g in range(ctx.dp_size)]
+    if progress is not None:
+        progress.close()
+    stopped = [g for g in groups if g["stopped"]]
+    missing = [k for k in range(plan.index.num_chunks) if not parts.is_done(plan.out, k)]
+    if missing and stopped:
+        plan.log(f"stopped ({stopped[0]['stopped']}) with {len(missing)} of {plan.index.num_chunks} chunks "
+                 f"left; exiting with {EXIT_REQUEUE} so the job is requeued; rerun to resume")
+        return EXIT_REQUEUE
+    if missing:
+        raise RuntimeError(
+            f"every group finished but chunk(s) {missing[:5]} are not in {plan.out / parts.PARTS}; "
+            "is --output a directory shared by all nodes?"
+        )
+    merged = parts.merge(plan.out, plan.index.num_chunks, plan.index.errors)
+    summary = {
+        "records": merged.records, "errors": merged.errors, "prompt_tokens": merged.prompt_tokens,
+        "output_tokens": merged.output_tokens, "seconds": round(elapsed, 3),
+        "tokens_per_s": round(sum(g["tokens"] for g in groups) / elapsed, 2) if elapsed > 0 else None,
+        "groups": [{**g, "tokens_per_s": round(g["tokens"] / g["seconds"], 2) if g["seconds"] else None}
+                   for g in groups],
+        "results": str(plan.out / parts.RESULTS),
+    }
+    parts.write_success(plan.out, summary)
+    print(format_summary(summary), file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def _await(store: Any, key: str, watchdog: Any, raw: bool = False) -> Any:
+    """Poll for a key with no timeout of its own: the watchdog ends the wait if a rank is lost.
+
+    `check` + `get` instead of a blocking `wait`, which would hold this store connection for its timeout.
+    """
+    while not store.check([key]):
+        reason = watchdog.aborted()
+        if reason is not None:
+            raise _PeerFailed(reason)
+        time.sleep(POLL_S)
+    value = store.get(key).decode()
+    return value if raw else int(value)
+
+
+class _PeerFailed(Exception):
+    pass
+
+
+def _failed(e: Exception, plan: _Plan, ctx: Any, watchdog: Any) -> int:
+    """Name the cause (another rank or this one), tell every rank, pick the exit code."""
+    import torch.distributed as dist
+
+    log = plan.log
+    reason = e.args[0] if isinstance(e, _PeerFailed) else watchdog.aborted()
+    if reason is not None:
+        log(f"stopping because {reason}; exiting with {EXIT_PEER_FAILED}")
+        return EXIT_PEER_FAILED
+    if isinstance(e, dist.DistError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
+        peers = [r for r in ctx.tp_group_ranks if r != ctx.rank]
+        lost = watchdog.find_lost(peers)
+        if lost:
+            reason = (f"{', '.join(watchdog.describe(r) for r in lost)} is gone (rank {ctx.rank} lost it in a "
+                      f"collective of TP group {ctx.dp_rank}: {str(e).splitlines()[0]})")
+            log(f"{reason}; exiting with {EXIT_PEER_FAILED}")
+            watchdog.abort(reason)
+            return EXIT_PEER_FAILED
+    reason = f"rank {ctx.rank} failed: {type(e).__name__}: {e}"
+    log(f"error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    watchdog.abort(reason)
+    return EXIT_FAILED
+
+
+def _hard_exit(code: int, rank: int) -> None:
+    if rank == 0:
+        time.sleep(1.5 * HEARTBEAT_S)  # rank 0 hosts the store: let the others read why
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _leave(ctx: Any) -> None:
+    """Rank 0 hosts the store: it leaves last, once every rank has read the verdict (bounded wait)."""
+    # A peer already gone cannot be waited for; the verdict is written either way.
+    with contextlib.suppress(RuntimeError, OSError):
+        if ctx.rank != 0:
+            ctx.store.add(keys.ACKS, 1)
+            return
+        deadline = time.monotonic() + HEARTBEAT_TIMEOUT_S
+        while ctx.store.add(keys.ACKS, 0) < ctx.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(POLL_S)
