@@ -1,0 +1,323 @@
+"""Run a Kubernetes Indexed Job's pods as local processes, each in its own network namespace.
+
+No kubelet can run here, so this plays the parts of the Job controller, the kubelet and cluster DNS
+for the manifests `tprun render k8s` writes, and nothing else. For each completion index i:
+- the container's command and env come from the Job manifest; downward-API fields are resolved,
+  JOB_COMPLETION_INDEX is set, as the Job controller and kubelet do;
+- the pod gets its own network namespace (a veth on a bridge, its own IP), UTS namespace (hostname
+  `<job>-<i>`) and mount namespace: its own /etc/hosts and /etc/resolv.conf, the ConfigMap at its
+  mount path, PVC volumes bind-mounted from local directories, emptyDirs as tmpfs, a read-only root
+  filesystem when the manifest asks for one, and the securityContext's uid, gid and groups;
+- cluster DNS is a hosts file: a pod always resolves its own name (the kubelet's /etc/hosts entry);
+  the `<pod>.<service>` names of all pods appear once that pod is "published", which a test can
+  delay (pods start before their DNS records exist).
+Needs root, `ip` (iproute2), and nsenter/unshare/setpriv (util-linux).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLUSTER_DOMAIN = "cluster.local"
+PREFIX = "tpk8s"
+
+
+def available() -> str | None:
+    """Why local pods cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "local pods need root (network and mount namespaces)"
+    missing = [t for t in ("ip", "nsenter", "unshare", "setpriv", "mount") if shutil.which(t) is None]
+    if missing:
+        return f"local pods need {', '.join(missing)} (apt-get install iproute2 util-linux mount)"
+    return None
+
+
+@dataclass
+class Pod:
+    index: int
+    name: str
+    hostname: str
+    ip: str
+    netns: str
+    root: Path  # this pod's files: hosts, resolv.conf, log
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+
+@dataclass
+class LocalPods:
+    docs: list[dict]
+    volumes: dict[str, Path]  # PVC / hostPath volume name -> local directory
+    workdir: Path
+    command: list[str] | None = None  # replaces the container's command (smoke tests)
+    path: str = f"{Path(__file__).resolve().parents[1] / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+    pods: list[Pod] = field(default_factory=list)
+    published: set[int] = field(default_factory=set)
+    _made_dirs: list[Path] = field(default_factory=list)
+    _links: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        kinds = {d["kind"]: d for d in self.docs}
+        self.job, self.configmap = kinds["Job"], kinds.get("ConfigMap")
+        self.namespace = self.job["metadata"].get("namespace", "default")
+        self.template = self.job["spec"]["template"]
+        self.pod_spec = self.template["spec"]
+        self.container = self.pod_spec["containers"][0]
+        self.subdomain = self.pod_spec.get("subdomain")
+        self.tag = f"{random.randrange(16**4):04x}"
+        self.bridge = f"{PREFIX}{self.tag}b"
+        self.subnet = _free_subnet()
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> LocalPods:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, withhold_dns: set[int] = frozenset()) -> None:
+        """Create the network, then start every pod; pods in `withhold_dns` are not yet in DNS."""
+        n = self.job["spec"]["completions"]
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._links.append(self.bridge)
+        self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        name = self.job["metadata"]["name"]
+        for i in range(n):
+            root = self.workdir / f"pod-{i}"
+            root.mkdir(parents=True)
+            pod = Pod(i, f"{name}-{i}-{''.join(random.choices('bcdfghjklmnpqrstvwxz2456789', k=5))}", f"{name}-{i}", f"{self.subnet}.{10 + i}",
+                      f"{PREFIX}{self.tag}-{i}", root)
+            self._network(pod)
+            self.pods.append(pod)
+        self.published = set(range(n)) - set(withhold_dns)
+        for pod in self.pods:
+            self._write_dns(pod)
+        for pod in self.pods:
+            pod.proc = self._launch(pod)
+
+    def publish(self, index: int) -> None:
+        """Pod `index`'s DNS record appears (rewritten in place: the hosts files are bind mounts)."""
+        self.published.add(index)
+        for pod in self.pods:
+            self._write_dns(pod)
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for pod in self.pods:
+            try:
+                pod.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise TimeoutError(f"pods still running after {timeout:.0f} s; logs:\n{self.logs()}") from None
+        return [pod.proc.returncode for pod in self.pods]
+
+    def logs(self) -> str:
+        return "".join(f"==> {p.name} <==\n{p.log.read_text(errors='replace') if p.log.exists() else ''}"
+                       for p in self.pods)
+
+    def kill(self) -> None:
+        for pod in self.pods:
+            if pod.proc is not None and pod.proc.poll() is None:
+                os.killpg(pod.proc.pid, signal.SIGKILL)
+                pod.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.kill()
+        for pod in self.pods:
+            subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True, timeout=30)
+        for link in reversed(self._links):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
+        for d in reversed(self._made_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    # --- the kubelet's and the container runtime's part ---
+
+    def _network(self, pod: Pod) -> None:
+        host_end, pod_end = f"{PREFIX}{self.tag}h{pod.index}", f"{PREFIX}{self.tag}c{pod.index}"
+        self._ip("netns", "add", pod.netns)
+        self._ip("link", "add", host_end, "type", "veth", "peer", "name", pod_end)
+        self._links.append(host_end)
+        self._ip("link", "set", pod_end, "netns", pod.netns)
+        self._ip("-n", pod.netns, "link", "set", pod_end, "name", "eth0")
+        self._ip("-n", pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+        self._ip("-n", pod.netns, "link", "set", "eth0", "up")
+        self._ip("-n", pod.netns, "link", "set", "lo", "up")
+        self._ip("link", "set", host_end, "master", self.bridge, "up")
+
+    def _write_dns(self, pod: Pod) -> None:
+        # The kubelet's entry for the pod itself, then what cluster DNS would answer for published pods.
+        lines = ["127.0.0.1\tlocalhost", f"{pod.ip}\t{self._fqdn(pod.hostname)}\t{pod.hostname}"]
+        for other in self.pods:
+            if other.index in self.published:
+                names = [self._fqdn(other.hostname), f"{other.hostname}.{self.subdomain}.{self.namespace}.svc",
+                         f"{other.hostname}.{self.subdomain}"]
+                lines.append(f"{other.ip}\t" + "\t".join(names))
+        with open(pod.root / "hosts", "w") as f:  # same inode: the bind mount sees the change
+            f.write("\n".join(lines) + "\n")
+
+    def _fqdn(self, hostname: str) -> str:
+        return f"{hostname}.{self.subdomain}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+    def _env(self, pod: Pod) -> dict[str, str]:
+        labels = {**self.template["metadata"].get("labels", {}),
+                  "batch.kubernetes.io/job-name": self.job["metadata"]["name"],
+                  "batch.kubernetes.io/job-completion-index": str(pod.index)}
+        annotations = {"batch.kubernetes.io/job-completion-index": str(pod.index)}
+        fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace, "status.podIP": pod.ip,
+                  "status.hostIP": f"{self.subnet}.1", "spec.nodeName": "local",
+                  "spec.serviceAccountName": self.pod_spec.get("serviceAccountName", "default")}
+        # What the image and the runtime set, then what the Job controller adds, then the manifest.
+        env = {"PATH": self.path, "HOSTNAME": pod.hostname, "JOB_COMPLETION_INDEX": str(pod.index)}
+        for var in self.container.get("env", []):
+            if "value" in var:
+                env[var["name"]] = _expand(var["value"], env)
+                continue
+            ref = var["valueFrom"]["fieldRef"]["fieldPath"]
+            m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", ref)
+            if m:
+                env[var["name"]] = (labels if m[1] == "labels" else annotations)[m[2]]
+            elif ref in fields:
+                env[var["name"]] = fields[ref]
+            else:
+                raise ValueError(f"local pods cannot resolve fieldRef {ref!r} of env {var['name']}")
+        return env
+
+    def _mounts(self, pod: Pod) -> list[tuple[str, str, str]]:
+        """(kind, source, target): 'bind' and 'bind-ro' from local paths, 'tmpfs' for emptyDirs."""
+        volumes = {v["name"]: v for v in self.pod_spec.get("volumes", [])}
+        out = [("bind", str(pod.root / "hosts"), "/etc/hosts"), ("bind", str(pod.root / "resolv.conf"),
+                                                                 "/etc/resolv.conf")]
+        (pod.root / "resolv.conf").write_text(
+            f"search {self.namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\noptions ndots:5\n")
+        for m in self.container.get("volumeMounts", []):
+            vol, target = volumes[m["name"]], m["mountPath"]
+            ro = "bind-ro" if m.get("readOnly") else "bind"
+            if "configMap" in vol:
+                out.append(("bind-ro", str(self._configmap_dir(pod, vol)), target))
+            elif "emptyDir" in vol:
+                out.append(("tmpfs", "tmpfs", target))
+            elif m["name"] in self.volumes:
+                self._apply_fs_group(self.volumes[m["name"]])
+                out.append((ro, str(self.volumes[m["name"]]), target))
+            else:
+                raise ValueError(f"local pods: map volume {m['name']!r} to a local directory (volumes=...)")
+        return out
+
+    def _apply_fs_group(self, root: Path) -> None:
+        """What the kubelet does to a volume for `fsGroup`: group-owned by it, group-writable, setgid dirs."""
+        group = self.pod_spec.get("securityContext", {}).get("fsGroup")
+        if group is None:
+            return
+        for path in [root, *root.rglob("*")]:
+            os.chown(path, -1, group)
+            mode = path.stat().st_mode
+            os.chmod(path, mode | 0o060 | (0o2010 if path.is_dir() else 0))
+
+    def _configmap_dir(self, pod: Pod, vol: dict) -> Path:
+        d = pod.root / f"configmap-{vol['name']}"
+        d.mkdir(exist_ok=True)
+        data = self.configmap["data"]
+        items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            (d / item["path"]).write_text(data[item["key"]])
+        return d
+
+    def _launch(self, pod: Pod) -> subprocess.Popen:
+        sc = {**self.pod_spec.get("securityContext", {}), **self.container.get("securityContext", {})}
+        script = ["set -e", f"hostname {pod.hostname}"]
+        tmpfs = []
+        for kind, source, target in self._mounts(pod):
+            self._ensure_mountpoint(Path(target), is_file=Path(source).is_file())
+            if kind == "tmpfs":
+                tmpfs.append(target)  # last: /tmp may hold the sources of the binds
+            else:
+                script.append(f"mount --bind {source} {target}")
+                if kind == "bind-ro":
+                    script.append(f"mount -o remount,bind,ro {target}")
+        if "runAsUser" in sc:
+            script += self._expose_interpreter(pod)
+        script += [f"mount -t tmpfs -o mode=1777 tmpfs {t}" for t in tmpfs]
+        if sc.get("readOnlyRootFilesystem"):
+            script.append("mount -o remount,bind,ro /")
+        script.append(f"cd {self.container.get('workingDir', '/')}")
+        setpriv = ["setpriv"]
+        if "runAsUser" in sc:
+            groups = ",".join(str(g) for g in [sc.get("fsGroup"), *sc.get("supplementalGroups", [])] if g is not None)
+            setpriv += [f"--reuid={sc['runAsUser']}", f"--regid={sc.get('runAsGroup', sc['runAsUser'])}",
+                        f"--groups={groups}" if groups else "--clear-groups"]
+        if sc.get("allowPrivilegeEscalation") is False:
+            setpriv.append("--no-new-privs")
+        if "ALL" in sc.get("capabilities", {}).get("drop", []):
+            setpriv += ["--inh-caps=-all", "--bounding-set=-all"]
+        script.append(" ".join(setpriv) + ' -- "$@"')
+        env = self._env(pod)
+        argv = [_expand(a, env) for a in (self.command or self.container["command"]) + self.container.get("args", [])]
+        with open(pod.log, "wb") as log:
+            return subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{pod.netns}", "unshare", "--uts", "--mount", "--propagation",
+                 "private", "--", "/bin/sh", "-c", "\n".join(script), "pod", *argv],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @staticmethod
+    def _expose_interpreter(pod: Pod) -> list[str]:
+        """The image's Python must be usable by the pod's uid. Ours may sit under a 0700 home (pyenv in
+        /root): in the pod's mount namespace, cover that directory with an empty 0755 tmpfs and bind
+        only the interpreter's tree back into it. The host is untouched."""
+        base = Path(os.path.realpath(sys.base_prefix))
+        closed = next((p for p in reversed(base.parents) if p != Path("/") and not p.stat().st_mode & 0o001), None)
+        if closed is None:
+            return []
+        stage = pod.root / "interpreter"
+        stage.mkdir()
+        return [f"mount --bind {base} {stage}", f"mount -t tmpfs -o mode=755 tmpfs {closed}",
+                f"mkdir -p {base}", f"mount --bind {stage} {base}"]
+
+    def _ensure_mountpoint(self, target: Path, is_file: bool) -> None:
+        missing = []
+        p = target if not is_file else target.parent
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self._made_dirs.append(d)
+        if is_file and not target.exists():
+            raise ValueError(f"local pods: cannot bind a file onto missing {target}")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if r.returncode:
+            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion: defined variables are replaced, others left as written."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+def _free_subnet() -> str:
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=30).stdout
+    for _ in range(100):
+        subnet = f"10.78.{random.randrange(1, 255)}"
+        if f" {subnet}." not in used:
+            return subnet
+    raise RuntimeError("no free 10.78.x.0/24 subnet for the local pods")
