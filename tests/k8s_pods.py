@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 CLUSTER_DOMAIN = "cluster.local"
 PREFIX = "tpk8s"
@@ -83,7 +83,7 @@ class LocalPods:
 
     # --- lifecycle ---
 
-    def __enter__(self) -> LocalPods:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -139,9 +139,9 @@ class LocalPods:
     def close(self) -> None:
         self.kill()
         for pod in self.pods:
-            subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "netns", "del", pod.netns], check=False, capture_output=True, timeout=30)
         for link in reversed(self._links):
-            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
+            subprocess.run(["ip", "link", "del", link], check=False, capture_output=True, timeout=30)
         for d in reversed(self._made_dirs):
             try:
                 d.rmdir()
@@ -177,28 +177,7 @@ class LocalPods:
         return f"{hostname}.{self.subdomain}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
 
     def _env(self, pod: Pod) -> dict[str, str]:
-        labels = {**self.template["metadata"].get("labels", {}),
-                  "batch.kubernetes.io/job-name": self.job["metadata"]["name"],
-                  "batch.kubernetes.io/job-completion-index": str(pod.index)}
-        annotations = {"batch.kubernetes.io/job-completion-index": str(pod.index)}
-        fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace, "status.podIP": pod.ip,
-                  "status.hostIP": f"{self.subnet}.1", "spec.nodeName": "local",
-                  "spec.serviceAccountName": self.pod_spec.get("serviceAccountName", "default")}
-        # What the image and the runtime set, then what the Job controller adds, then the manifest.
-        env = {"PATH": self.path, "HOSTNAME": pod.hostname, "JOB_COMPLETION_INDEX": str(pod.index)}
-        for var in self.container.get("env", []):
-            if "value" in var:
-                env[var["name"]] = _expand(var["value"], env)
-                continue
-            ref = var["valueFrom"]["fieldRef"]["fieldPath"]
-            m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", ref)
-            if m:
-                env[var["name"]] = (labels if m[1] == "labels" else annotations)[m[2]]
-            elif ref in fields:
-                env[var["name"]] = fields[ref]
-            else:
-                raise ValueError(f"local pods cannot resolve fieldRef {ref!r} of env {var['name']}")
-        return env
+        return pod_env(self.job, pod.index, pod_name=pod.name, pod_ip=pod.ip, path=self.path)
 
     def _mounts(self, pod: Pod) -> list[tuple[str, str, str]]:
         """(kind, source, target): 'bind' and 'bind-ro' from local paths, 'tmpfs' for emptyDirs."""
@@ -304,9 +283,37 @@ class LocalPods:
 
     @staticmethod
     def _ip(*args: str) -> None:
-        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(["ip", *args], check=False, capture_output=True, text=True, timeout=30)
         if r.returncode:
             raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def pod_env(job: dict, index: int, *, pod_name: str, pod_ip: str, path: str = "/usr/bin:/bin") -> dict[str, str]:
+    """The environment the container of pod `index` of an Indexed Job sees: the image's and the
+    runtime's variables, JOB_COMPLETION_INDEX from the Job controller, then the manifest's env with
+    downward-API fields resolved."""
+    template, namespace = job["spec"]["template"], job["metadata"].get("namespace", "default")
+    pod_spec = template["spec"]
+    labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/job-name": job["metadata"]["name"],
+              "batch.kubernetes.io/job-completion-index": str(index)}
+    annotations = {"batch.kubernetes.io/job-completion-index": str(index)}
+    fields = {"metadata.name": pod_name, "metadata.namespace": namespace, "status.podIP": pod_ip,
+              "spec.nodeName": "local", "spec.serviceAccountName": pod_spec.get("serviceAccountName", "default")}
+    hostname = f"{job['metadata']['name']}-{index}"
+    env = {"PATH": path, "HOSTNAME": hostname, "JOB_COMPLETION_INDEX": str(index)}
+    for var in pod_spec["containers"][0].get("env", []):
+        if "value" in var:
+            env[var["name"]] = _expand(var["value"], env)
+            continue
+        ref = var["valueFrom"]["fieldRef"]["fieldPath"]
+        m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", ref)
+        if m:
+            env[var["name"]] = (labels if m[1] == "labels" else annotations)[m[2]]
+        elif ref in fields:
+            env[var["name"]] = fields[ref]
+        else:
+            raise ValueError(f"local pods cannot resolve fieldRef {ref!r} of env {var['name']}")
+    return env
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
@@ -315,7 +322,8 @@ def _expand(text: str, env: dict[str, str]) -> str:
 
 
 def _free_subnet() -> str:
-    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=30).stdout
+    used = subprocess.run(["ip", "-4", "-o", "addr"], check=True, capture_output=True, text=True,
+                          timeout=30).stdout
     for _ in range(100):
         subnet = f"10.78.{random.randrange(1, 255)}"
         if f" {subnet}." not in used:

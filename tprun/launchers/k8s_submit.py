@@ -69,6 +69,9 @@ class KubernetesJob(JobHandle):
         self._adopt(made.metadata.uid)
 
     def _adopt(self, job_uid: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
         owner = {"metadata": {"ownerReferences": [{
             "apiVersion": "batch/v1", "kind": "Job", "name": self.names["job"], "uid": job_uid,
             "blockOwnerDeletion": False}]}}
@@ -77,7 +80,7 @@ class KubernetesJob(JobHandle):
                                 ("service", self.core.patch_namespaced_service)):
                 patch(self.names[kind], self.namespace, owner, _content_type="application/merge-patch+json",
                       _request_timeout=self.timeout)
-        except Exception as e:  # the job runs fine without it; only `kubectl delete job` cleans up less
+        except (ApiException, HTTPError, OSError) as e:  # the job runs fine without it; only `kubectl delete job` cleans up less
             log.warning("could not make Job %s the owner of its ConfigMap/Service: %s", self.job_id, e)
 
     def _explain(self, kind: str, e: Exception) -> str:
@@ -168,10 +171,10 @@ def _default_client(kubeconfig: str | None, context: str | None) -> Any:
 
     try:
         config.load_kube_config(config_file=kubeconfig, context=context)
-    except Exception as kube_error:
+    except (config.ConfigException, OSError, TypeError) as kube_error:
         try:
             config.load_incluster_config()
-        except Exception:
+        except config.ConfigException:
             raise SubmitError(f"no Kubernetes credentials: {kube_error}; set KUBECONFIG (or pass "
                               "kubeconfig=/context=), or run inside a cluster") from None
     return client.ApiClient()
