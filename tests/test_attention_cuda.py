@@ -86,8 +86,9 @@ def make_batch(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, h
                  k_cache.to(DEVICE), v_cache.to(DEVICE), ctx_k, ctx_v, written)
 
 
-def reference(batch: Batch, scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole context, in float64 on the CPU."""
+def reference(batch: Batch, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole context, in float64 on the CPU
+    (with a window, query position p sees keys in (p - window, p], as transformers' Mistral does)."""
     q = batch.q.double().cpu()
     cu = batch.meta.cu_seqlens_q.tolist()
     outs = []
@@ -97,7 +98,11 @@ def reference(batch: Batch, scale: float) -> torch.Tensor:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
         pos = k.shape[0] - qb.shape[0] + torch.arange(qb.shape[0])
-        scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > pos[:, None], float("-inf"))
+        key_pos = torch.arange(k.shape[0])[None, :]
+        hidden = key_pos > pos[:, None]
+        if window is not None:
+            hidden |= key_pos <= pos[:, None] - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
     return torch.cat(outs)
 
@@ -156,6 +161,26 @@ def test_decode_matches_float64(shape, dtype, block_size):
                         scale, out=out)
     err = rel_err(out, reference(batch, scale))
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_prefill_and_decode_match_float64(dtype, block_size):
+    """Mistral-style windows: tiles whose first rows see none of a key block must not produce NaN."""
+    skip_if_interpreter_cannot(dtype)
+    gen, seed = fresh_generator()
+    window, scale = 100, 64**-0.5
+    prefill = make_batch([(0, 300), (150, 90), (3, 5), (400, 1)], 8, 2, 64, block_size, dtype, gen)
+    out = ac.paged_attention(prefill.q, prefill.k_new, prefill.v_new, prefill.k_cache, prefill.v_cache,
+                             prefill.meta, scale, sliding_window=window)
+    err = rel_err(out.view_as(prefill.q), reference(prefill, scale, window))
+    assert err < TOL[dtype], f"prefill: relative error {err:.2e} (seed {seed})"
+    lens = [1, 99, 100, 101, ac.DECODE_PARTITION + 50, 3 * ac.DECODE_PARTITION + 1]
+    decode = make_batch([(n - 1, 1) for n in lens], 8, 2, 64, block_size, dtype, gen)
+    out = ac.paged_attention(decode.q, decode.k_new, decode.v_new, decode.k_cache, decode.v_cache, decode.meta,
+                             scale, sliding_window=window)
+    err = rel_err(out.view_as(decode.q), reference(decode, scale, window))
+    assert err < TOL[dtype], f"decode: relative error {err:.2e} (seed {seed})"
 
 
 def test_store_writes_exactly_the_given_slots_and_skips_minus_one():

@@ -68,8 +68,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 @triton.jit
 def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tables, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
-                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    window, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     m_block = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -93,7 +94,10 @@ def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tabl
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Causal: no query of this tile sees past its last position.
     end = tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
+    lo = 0
+    if USE_WINDOW:  # nor further back than the window of its first position
+        lo = tl.maximum(prefix + m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         page = tl.load(Block_tables + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
@@ -101,10 +105,15 @@ def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tabl
         k = tl.load(K_cache + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (offs_n[None, :] <= pos_m[:, None]) & mask_n[None, :]
+        if USE_WINDOW:
+            visible = visible & (offs_n[None, :] > pos_m[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_use = m_new
+        if USE_WINDOW:  # a row may see no key of this block yet: exp2(-inf - -inf) would be NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_cache + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -115,7 +124,9 @@ def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tabl
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                      scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                      scale: float, out: torch.Tensor | None = None, sliding_window: int | None = None,
+                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None) -> torch.Tensor:
     """q [T, num_heads, head_dim] (any query lengths) -> [T, num_heads, head_dim], causal over each context."""
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
@@ -123,14 +134,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
     group = num_heads // k_cache.shape[2]
     fp32 = q.dtype == torch.float32
-    block_m, block_n = (64, 32) if fp32 else (128, 64)
+    block_m = block_m or (64 if fp32 else 128)
+    block_n = block_n or (32 if fp32 else 64)
     grid = (triton.cdiv(meta.max_seqlen_q, block_m), meta.num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), sliding_window or 0,
         GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=4 if fp32 else 8, num_stages=1 if fp32 else 2,
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=num_warps or (4 if fp32 else 8), num_stages=num_stages or (1 if fp32 else 2),
     )
     return out
 
@@ -139,18 +152,20 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 @triton.jit
 def _decode_partition_kernel(Q, K_cache, V_cache, Seq_lens, Block_tables, Part_out, Part_lse, scale_log2,
                              stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                             stride_pb, stride_ph, stride_pp,
+                             stride_pb, stride_ph, stride_pp, window,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):
+                             USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_h = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(Seq_lens + b)
     start = part * PARTITION
-    if start >= seq_len:  # beyond this sequence's context: the merge kernel never reads this partition
-        return
     end = tl.minimum(start + PARTITION, seq_len)
+    if USE_WINDOW:  # the new token sees only positions > seq_len - 1 - window
+        start = tl.maximum(start, seq_len - window)
+    if start >= end:  # outside the visible context: the merge kernel never reads this partition
+        return
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -184,15 +199,20 @@ def _decode_partition_kernel(Q, K_cache, V_cache, Seq_lens, Block_tables, Part_o
 
 @triton.jit
 def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, stride_ot, stride_oh, stride_pb, stride_ph,
-                         stride_pp, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr):
+                         stride_pp, window, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr,
+                         USE_WINDOW: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    num_parts = tl.cdiv(tl.load(Seq_lens + b), PARTITION)
+    seq_len = tl.load(Seq_lens + b)
+    num_parts = tl.cdiv(seq_len, PARTITION)
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(seq_len - window, 0) // PARTITION
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for p in range(num_parts):
+    for p in range(first, num_parts):
         base = b * stride_pb + h * stride_ph + p * stride_pp
         lse = tl.load(Part_lse + base)
         m_new = tl.maximum(m, lse)
@@ -208,7 +228,7 @@ def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, stride_ot, stride_oh
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     partition: int = DECODE_PARTITION, block_n: int = 64, num_warps: int = 4,
+                     sliding_window: int | None = None, partition: int = DECODE_PARTITION, block_n: int = 64, num_warps: int = 4,
                      num_stages: int = 2) -> torch.Tensor:
     """q [B, num_heads, head_dim], one new token per sequence -> [B, num_heads, head_dim]."""
     batch, num_heads, head_dim = q.shape
@@ -226,28 +246,31 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_partition_kernel[(batch, num_kv_heads, max_parts)](
         q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        block_tables.stride(0), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), sliding_window or 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, PARTITION=partition, BLOCK_N=min(block_n, 32) if fp32 else block_n,
-        DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(batch, num_heads)](
         part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
-        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), HEAD_DIM=head_dim, PARTITION=partition,
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), sliding_window or 0, HEAD_DIM=head_dim,
+        PARTITION=partition, USE_WINDOW=sliding_window is not None,
     )
     return out
 
 
 # ------------------------------------------------------------------------------------------ the layer
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
     """Attention.forward's contract: store k/v [T, nkv, hd] at meta.slot_mapping, attend, -> [T, nh * hd]."""
     store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     out3 = out.view(num_tokens, num_heads, head_dim)
     if meta.is_prefill:
-        prefill_attention(q, k_cache, v_cache, meta, scale, out=out3)
+        prefill_attention(q, k_cache, v_cache, meta, scale, out=out3, sliding_window=sliding_window)
     else:
-        decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, out=out3)
+        decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, out=out3,
+                         sliding_window=sliding_window)
     return out

@@ -1,0 +1,122 @@
+"""The device's ceilings, measured in the same run, and the floor of a workload (../shared/BENCH.md).
+
+Bandwidth B: a large device-to-device copy, bytes read + written over time. Peak P: an 8192^3 bf16
+matmul on random data (on CPU a smaller float32 one, so CI-sized runs finish). Floor = max(total FLOPs / P,
+(max_output_len * weight_bytes + KV bytes read by decode) / B).
+
+    python benchmarks/roofline.py [--device cuda|cpu]     # prints the ceilings as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def time_median(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
+    """Median seconds of fn, timed with device events on CUDA (the work is asynchronous)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Ceilings:
+    device_name: str
+    bandwidth: float  # bytes/s, read + written
+    matmul_flops: float  # FLOP/s
+    matmul_shape: str
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    cuda = device.type == "cuda"
+    n_bytes = (2 << 30) if cuda else (256 << 20)  # far past the L2 / last-level cache
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_median(lambda: dst.copy_(src), device)
+    del src, dst
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_s = time_median(lambda: a @ b, device)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return Ceilings(name, 2 * n_bytes / copy_s, 2 * n**3 / mm_s, f"{n}^3 {str(dtype).removeprefix('torch.')}")
+
+
+@dataclass
+class ModelCost:
+    params: int
+    weight_bytes: int
+    kv_bytes_per_token: int  # layers * kv_heads * head_dim * 2 (K and V) * dtype bytes
+
+
+def model_cost(config, dtype_bytes: int) -> ModelCost:
+    """Parameter count and KV bytes per token from an HF config of the Llama family."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or h // nh
+    per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * inter + 2 * h
+    if getattr(config, "attention_bias", False):
+        per_layer += nh * hd + 2 * nkv * hd
+    if config.model_type == "qwen3":
+        per_layer += 2 * hd  # q_norm, k_norm
+    embed = config.vocab_size * h
+    params = layers * per_layer + h + embed * (1 if config.tie_word_embeddings else 2)
+    return ModelCost(params, params * dtype_bytes, layers * nkv * hd * 2 * dtype_bytes)
+
+
+def decode_kv_bytes(requests: list[tuple[int, int]], kv_bytes_per_token: int) -> int:
+    """KV bytes the decode steps must read: output token j >= 2 of a request reads prompt + j - 1 tokens."""
+    tokens = sum((o - 1) * p + (o - 1) * o // 2 for p, o in requests)
+    return tokens * kv_bytes_per_token
+
+
+@dataclass
+class Floor:
+    seconds: float
+    compute_s: float
+    memory_s: float
+    total_flops: float
+    memory_bytes: float
+
+
+def floor(cost: ModelCost, requests: list[tuple[int, int]], ceilings: Ceilings, num_devices: int = 1) -> Floor:
+    """BENCH.md's floor for requests [(prompt_len, output_len)]; num_devices multiplies both ceilings."""
+    total_tokens = sum(p + o for p, o in requests)
+    flops = 2 * cost.params * total_tokens
+    max_out = max(o for _, o in requests)
+    mem = max_out * cost.weight_bytes + decode_kv_bytes(requests, cost.kv_bytes_per_token)
+    compute_s = flops / (ceilings.matmul_flops * num_devices)
+    memory_s = mem / (ceilings.bandwidth * num_devices)
+    return Floor(max(compute_s, memory_s), compute_s, memory_s, flops, mem)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    c = measure_ceilings(torch.device(args.device))
+    print(json.dumps(asdict(c) | {"bandwidth_TBps": c.bandwidth / 1e12, "matmul_TFLOPs": c.matmul_flops / 1e12}))
+
+
+if __name__ == "__main__":
+    main()
