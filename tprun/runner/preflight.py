@@ -55,12 +55,12 @@ def check_input(path: str) -> None:
 def check_output(path: str) -> None:
     """The directory must exist (it is created) and take new files; probe with a real write."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise JobError(f"output {out} exists and is not a directory; choose another --output")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise JobError(f"cannot create output directory {out}: {e.strerror}; choose a writable --output") from None
-    if not out.is_dir():
-        raise JobError(f"output {out} exists and is not a directory; choose another --output")
     probe = out / f".tprun-write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         probe.write_bytes(b"")

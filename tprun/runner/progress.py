@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from tprun.runner import keys
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 
 def _duration(seconds: float) -> str:

@@ -20,11 +20,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import NoReturn
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING, NoReturn
 
 from tprun.runner import keys
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 from tprun.runner.exit_codes import EXIT_PEER_FAILED
 
 # What a store call raises when the store is gone or times out (DistStoreError is a RuntimeError).

@@ -1,0 +1,141 @@
+"""Run `tprun run` the ways a cluster does, for the job-runner tests.
+
+`launch_ranks` starts one process per rank with the variables torchrun exports, but without torchrun's
+agent: the agent would kill the survivors of a dead rank itself and hide each rank's own exit code,
+which is exactly what the runner's no-hang and requeue behaviour must be judged by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPRUN_", "SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "JOB_COMPLETION_INDEX")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows are dicts (written as JSON) or str/bytes (written verbatim, for malformed lines)."""
+    with open(path, "wb") as f:
+        for row in rows:
+            if isinstance(row, bytes):
+                f.write(row + b"\n")
+            elif isinstance(row, str):
+                f.write(row.encode() + b"\n")
+            else:
+                f.write(json.dumps(row).encode() + b"\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run_args(model: Path, inp: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--input", str(inp), "--output", str(out), "--quiet", *extra]
+
+
+def run_cli(args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`python -m tprun run ARGS` as a single process."""
+    return subprocess.run([sys.executable, "-m", "tprun", "run", *args], check=False, env=base_env(**env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "tprun", "run", *args]
+    return subprocess.run(cmd, check=False, env=base_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Ranks:
+    procs: list[subprocess.Popen]
+    logs: list[Path]
+
+    def wait(self, timeout: float) -> list[float]:
+        """Wait for every rank; returns each one's exit time (seconds from now). Kills all on timeout."""
+        t0 = time.monotonic()
+        ended: dict[int, float] = {}
+        while len(ended) < len(self.procs):
+            for r, p in enumerate(self.procs):
+                if r not in ended and p.poll() is not None:
+                    ended[r] = time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                self.kill()
+                raise AssertionError(f"ranks {sorted(set(range(len(self.procs))) - set(ended))} still running "
+                                     f"after {timeout:.0f} s\n{self.output()}")
+            time.sleep(0.1)
+        return [ended[r] for r in range(len(self.procs))]
+
+    @property
+    def codes(self) -> list[int | None]:
+        return [p.returncode for p in self.procs]
+
+    def signal(self, sig: int, ranks: list[int] | None = None) -> None:
+        for r in range(len(self.procs)) if ranks is None else ranks:
+            if self.procs[r].poll() is None:
+                self.procs[r].send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        for p in self.procs:
+            p.wait(timeout=30)
+
+    def output(self, rank: int | None = None) -> str:
+        ranks = range(len(self.logs)) if rank is None else [rank]
+        return "\n".join(f"--- rank {r} ---\n{self.logs[r].read_text(errors='replace')}" for r in ranks)
+
+
+def launch_ranks(world: int, args: list[str], log_dir: Path, **env: str) -> Ranks:
+    port = free_port()
+    procs, logs = [], []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for r in range(world):
+        log = log_dir / f"rank{r}.log"
+        rank_env = base_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+        with open(log, "wb") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "tprun", "run", *args], env=rank_env, cwd=ROOT,
+                                          stdout=f, stderr=subprocess.STDOUT))
+        logs.append(log)
+    return Ranks(procs, logs)
+
+
+def wait_for(predicate, timeout: float, what: str, ranks: Ranks | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if ranks is not None and any(c is not None for c in (p.poll() for p in ranks.procs)):
+            raise AssertionError(f"a rank exited while waiting for {what}: {ranks.codes}\n{ranks.output()}")
+        if time.monotonic() > deadline:
+            if ranks is not None:
+                ranks.kill()
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def done_chunks(out: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (out / "parts").glob("chunk-*.done"))
