@@ -47,19 +47,25 @@ class Ceilings:
     matmul_shape: str
 
 
-def measure_ceilings(device: torch.device) -> Ceilings:
-    cuda = device.type == "cuda"
-    n_bytes = (2 << 30) if cuda else (256 << 20)  # far past the L2 / last-level cache
+def copy_bandwidth(device: torch.device) -> float:
+    n_bytes = (2 << 30) if device.type == "cuda" else (256 << 20)  # far past the L2 / last-level cache
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy_s = time_median(lambda: dst.copy_(src), device)
-    del src, dst
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    return 2 * n_bytes / time_median(lambda: dst.copy_(src), device)
+
+
+def matmul_rate(device: torch.device, n: int, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_s = time_median(lambda: a @ b, device)
+    return 2 * n**3 / time_median(lambda: a @ b, device)
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return Ceilings(name, 2 * n_bytes / copy_s, 2 * n**3 / mm_s, f"{n}^3 {str(dtype).removeprefix('torch.')}")
+    return Ceilings(name, copy_bandwidth(device), matmul_rate(device, n, dtype),
+                    f"{n}^3 {str(dtype).removeprefix('torch.')}")
 
 
 @dataclass
