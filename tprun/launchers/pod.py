@@ -53,7 +53,13 @@ class PodLauncher(Launcher):
 
     @property
     def local_rank(self) -> int:
-        return self._int("local_rank", default=0)
+        local, procs = self._int("local_rank", default=0), self.local_world_size
+        if not 0 <= local < procs:
+            raise LauncherError(
+                f"{self.name}: TPRUN_LOCAL_RANK={local} is outside the {procs} processes of this pod "
+                f"(TPRUN_PROCS_PER_POD={procs}); start several processes per pod with tprun.launchers.fanout"
+            )
+        return local
 
     @property
     def pod_index(self) -> int:
