@@ -59,7 +59,7 @@ def test_rendered_job_with_four_processes_per_pod_fans_out_ranks_by_pod():
     spec.resources.procs_per_node, spec.resources.gpus_per_node = 4, 4
     job = render_manifests(spec)[2]
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:5] == [
-        "python", "-m", "tprun.launchers.fanout", "--nprocs", "4"]
+        "python3", "-m", "tprun.launchers.fanout", "--nprocs", "4"]
     ranks = []
     for index in range(2):
         env = pod_env(job, index, pod_name=f"p{index}", pod_ip="10.1.0.9")

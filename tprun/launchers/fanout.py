@@ -1,4 +1,4 @@
-"""Several processes in one pod: `python -m tprun.launchers.fanout -n N -- tprun run SPEC`.
+"""Several processes in one pod: `python3 -m tprun.launchers.fanout -n N -- tprun run SPEC`.
 
 Starts N copies of the command with TPRUN_LOCAL_RANK=0..N-1 (the pod launchers read it). A TP group
 is all-or-nothing, so the first child to fail takes the others down and its exit code becomes the

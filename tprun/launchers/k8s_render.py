@@ -155,7 +155,7 @@ def _container(spec: JobSpec) -> dict[str, Any]:
     procs = res.processes_per_node
     command = ["tprun", "run", f"{SPEC_DIR}/{SPEC_KEY}"]
     if procs > 1:
-        command = ["python", "-m", "tprun.launchers.fanout", "--nprocs", str(procs), "--", *command]
+        command = ["python3", "-m", "tprun.launchers.fanout", "--nprocs", str(procs), "--", *command]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": k8s.image,
