@@ -47,6 +47,7 @@ class FakeApiServer:
     objects: dict[tuple[str, str, str], dict] = field(default_factory=dict)  # (plural, ns, name) -> obj
     pod_logs: dict[tuple[str, str], str] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    failures: dict[tuple[str, str], tuple[int, str, str]] = field(default_factory=dict)  # see fail()
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> FakeApiServer:
@@ -69,7 +70,7 @@ class FakeApiServer:
                 fake._handle(self, "DELETE")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         return self
 
@@ -101,6 +102,10 @@ class FakeApiServer:
             self.objects[("pods", namespace, name)] = pod
             self.pod_logs[(namespace, name)] = log
 
+    def fail(self, method: str, plural: str, code: int, reason: str, message: str) -> None:
+        """The next `method` on `plural` is refused, as RBAC or an admission webhook would."""
+        self.failures[(method, plural)] = (code, reason, message)
+
     def created(self, kind: str | None = None) -> list[dict]:
         return [r.body for r in self.requests if r.method == "POST"
                 and (kind is None or r.body.get("kind") == kind)]
@@ -123,6 +128,8 @@ class FakeApiServer:
             return self._status(h, 404, "NotFound", f"the server could not find the requested resource {url.path}")
         key = (m["plural"], m["ns"], m["name"])
         with self.lock:
+            if (method, m["plural"]) in self.failures:
+                return self._status(h, *self.failures.pop((method, m["plural"])))
             if method == "POST" and not m["name"]:
                 return self._create(h, m, body)
             if method == "GET" and not m["name"]:
@@ -149,7 +156,7 @@ class FakeApiServer:
             return self._status(h, 400, "BadRequest", "the namespace of the object does not match the request")
         problems = [e.message for e in _schema_errors(body)] + check_manifests([body])
         if problems:
-            return self._status(h, 422, "Invalid", f"{kind} {meta.get('name')!r} is invalid: " + "; ".join(problems))
+            return self._status(h, 422, "Invalid", "; ".join(problems))
         key = (m["plural"], m["ns"], meta["name"])
         if key in self.objects:
             return self._status(h, 409, "AlreadyExists", f'{m["plural"]} "{meta["name"]}" already exists')
