@@ -1,0 +1,91 @@
+"""Random-weight checkpoints of the benchmark shapes (../shared/BENCH.md), written with save_pretrained so
+the engine's real load path runs. Nothing comes from a hub: the tokenizer is a word-level one whose
+vocabulary is the model's ("t0" ... "tN"), so every token id decodes.
+
+    python benchmarks/models.py --shape llama3-8b --out /tmp/bench-llama3-8b [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": {
+        "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "tie_word_embeddings": True, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+    },
+    "llama3-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+        "tie_word_embeddings": False, "rope_theta": 500_000.0, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+    },
+    # CI-sized: a few seconds per request on two CPU cores, yet GQA and several layers.
+    "small": {
+        "model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32, "vocab_size": 8192,
+        "tie_word_embeddings": False, "rope_theta": 10_000.0, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
+}
+MARKER = "bench_shape.json"
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", pad_token="t2",
+                                   unk_token="t0")
+
+
+def make_bench_model(shape: str, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                     device: str = "cpu", seed: int = 0) -> Path:
+    """Write the checkpoint once; a directory already holding this (shape, dtype, seed) is reused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of: {', '.join(SHAPES)}")
+    out_dir = Path(out_dir)
+    stamp = {"shape": shape, "dtype": str(dtype), "seed": seed}
+    marker = out_dir / MARKER
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(SHAPES[shape])
+    config = AutoConfig.for_model(settings.pop("model_type"), bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                  **settings)
+    torch.manual_seed(seed)
+    with torch.device(device):  # random init on the GPU takes seconds where the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out_dir)
+    tokenizer = word_tokenizer(config.vocab_size)
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out_dir)
+    marker.write_text(json.dumps(stamp))  # last: a crash mid-write leaves no marker
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = make_bench_model(args.shape, args.out, getattr(torch, args.dtype), args.device, args.seed)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
