@@ -27,7 +27,7 @@ def load_shard(dst: torch.Tensor, loaded: CheckpointTensor, dim: int, start: int
     expected[dim] = full_len
     if list(loaded.shape) != expected:
         raise ValueError(
-            f"checkpoint tensor has shape {tuple(loaded.shape)} but the model config implies {tuple(expected)}"
+            f"shape {tuple(loaded.shape)} differs from the {tuple(expected)} that the model config implies"
         )
     if dst.shape[dim] == 0:
         return

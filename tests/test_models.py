@@ -1,0 +1,126 @@
+"""The Llama-family models at TP=1 give transformers' logits (float64, CPU), with and without a paged KV cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tests.model_harness import hf_logits, paged_logits, prefill_logits_without_cache, sequences
+from tprun.demo_model import DEMO_ARCHS, make_demo_model
+from tprun.worker.models import SUPPORTED_ARCHITECTURES, build_model, load_model
+from tprun.worker.parallel import TPGroup
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_both(model_dir):
+    """(tprun model at TP=1, transformers model), both float64."""
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, local_files_only=True).eval()
+    ours = load_model(str(model_dir), hf.config, TPGroup(), torch.float64, CPU)
+    return ours, hf
+
+
+def assert_matches_hf(ours, hf, got: list[torch.Tensor], seqs: list[list[int]]) -> None:
+    for logits, seq in zip(got, seqs, strict=True):
+        assert logits.shape == (len(seq), hf.config.vocab_size)
+        torch.testing.assert_close(logits, hf_logits(hf, seq), rtol=0, atol=1e-10)
+
+
+@pytest.fixture(scope="module", params=DEMO_ARCHS)
+def arch_models(request, tmp_path_factory):
+    return load_both(make_demo_model(tmp_path_factory.mktemp(request.param), arch=request.param, seed=1))
+
+
+def test_prefill_logits_match_hf_float64(arch_models):
+    ours, hf = arch_models
+    seqs = sequences(hf.config.vocab_size, (12, 5))
+    assert_matches_hf(ours, hf, prefill_logits_without_cache(ours, seqs), seqs)
+
+
+def test_paged_prefill_chunks_and_decode_match_hf_float64(arch_models):
+    ours, hf = arch_models
+    seqs = sequences(hf.config.vocab_size)
+    assert_matches_hf(ours, hf, paged_logits(ours, seqs), seqs)
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        pytest.param(
+            "llama",
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}},
+            id="llama3-rope-scaling",
+        ),
+        pytest.param("qwen2", {"tie_word_embeddings": True}, id="tied-embeddings"),
+        pytest.param("mistral", {"sliding_window": 4}, id="sliding-window"),
+        pytest.param("llama", {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}, id="mqa-biases"),
+    ],
+)
+def test_config_variants_match_hf_float64(arch, overrides, tmp_path):
+    ours, hf = load_both(make_demo_model(tmp_path, arch=arch, seed=2, **overrides))
+    seqs = sequences(hf.config.vocab_size)
+    assert_matches_hf(ours, hf, paged_logits(ours, seqs), seqs)
+
+
+def test_tied_lm_head_shares_the_embedding(tmp_path):
+    ours, _ = load_both(make_demo_model(tmp_path, arch="llama", tie_word_embeddings=True))
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_attention_layers_describe_the_kv_cache_per_rank(tmp_path):
+    config = AutoConfig.from_pretrained(make_demo_model(tmp_path, arch="qwen3", num_key_value_heads=1))
+    model = build_model(config, TPGroup(rank=1, size=2), torch.float32, CPU)
+    layers = model.attention_layers
+    assert len(layers) == config.num_hidden_layers
+    assert all((a.num_kv_heads, a.head_dim, a.k_cache) == (1, config.head_dim, None) for a in layers)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    config = AutoConfig.from_pretrained(make_demo_model(tmp_path))
+    config.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(ValueError, match="GPT2LMHeadModel") as err:
+        build_model(config, TPGroup(), torch.float32, CPU)
+    assert all(arch in str(err.value) for arch in SUPPORTED_ARCHITECTURES)
+
+
+def test_tp_size_not_dividing_attention_heads_names_both_numbers(tmp_path):
+    config = AutoConfig.from_pretrained(make_demo_model(tmp_path))  # 4 attention heads
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\).*tensor-parallel size \(3\)"):
+        build_model(config, TPGroup(rank=0, size=3), torch.float32, CPU)
+
+
+def test_kv_heads_that_cannot_be_replicated_evenly_are_a_clear_error(tmp_path):
+    config = AutoConfig.from_pretrained(make_demo_model(tmp_path))
+    config.num_attention_heads, config.num_key_value_heads = 12, 3  # TP=4: 3 KV heads over 4 ranks
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(3\).*tensor-parallel size \(4\)"):
+        build_model(config, TPGroup(rank=0, size=4), torch.float32, CPU)
+
+
+def test_tp2_logits_match_hf_float64_under_torchrun(tmp_path):
+    """Real torchrun, 2 ranks over gloo: q/k/v and gate/up split by columns, o/down by rows (bias added
+    once), vocab padded (331 tokens), KV heads split (2 over 2 ranks) and replicated (1 over 2 ranks)."""
+    models = [
+        make_demo_model(tmp_path / "llama", arch="llama", seed=3),
+        make_demo_model(tmp_path / "llama-mqa", arch="llama", seed=3, num_key_value_heads=1,
+                        tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+        make_demo_model(tmp_path / "mistral", arch="mistral", seed=3, sliding_window=4),
+        make_demo_model(tmp_path / "qwen2", arch="qwen2", seed=3, num_key_value_heads=1),
+        make_demo_model(tmp_path / "qwen3", arch="qwen3", seed=3),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "model_tp_check.py"), *map(str, models)]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for rank in (0, 1):
+        for model in models:
+            assert f"[ok rank={rank} model={model}]" in proc.stdout
