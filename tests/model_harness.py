@@ -17,12 +17,13 @@ class PagedRun:
     def __init__(self, model: nn.Module, block_size: int = 4, num_blocks: int = 64, with_cache: bool = True):
         self.model = model
         self.block_size = block_size
-        dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.device = weight.device
         if with_cache:
             for layer in model.attention_layers:
                 shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-                layer.k_cache = torch.zeros(shape, dtype=dtype)
-                layer.v_cache = torch.zeros(shape, dtype=dtype)
+                layer.k_cache = torch.zeros(shape, dtype=weight.dtype, device=self.device)
+                layer.v_cache = torch.zeros(shape, dtype=weight.dtype, device=self.device)
         # Hand blocks out in a scrambled order, so block tables are neither contiguous nor sorted.
         self.free_blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
         self.lengths: dict[int, int] = {}
@@ -48,18 +49,20 @@ class PagedRun:
         cu = [0]
         for n in query_lens:
             cu.append(cu[-1] + n)
+        dev = self.device
+        padded_tables = [t + [-1] * (width - len(t)) for t in tables]
         meta = AttentionMetadata(
             is_prefill=any(n != 1 for n in query_lens),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=dev),
             query_lens_list=query_lens,
             seq_lens_list=seq_lens,
             block_size=self.block_size,
         )
         with torch.no_grad():
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta)
+            hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta)
             logits = self.model.compute_logits(hidden)
         return dict(zip(new_tokens, logits.split(query_lens), strict=True))
 
