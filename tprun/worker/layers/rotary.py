@@ -38,7 +38,8 @@ def inverse_frequencies(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
             f"rope type {rope_type!r} is not supported; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     base = params["rope_theta"]
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
+    # On the CPU, as transformers computes it at init: a GPU's pow may round differently.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / head_dim
     inv_freq = 1.0 / (base**exponents)
     if rope_type == "linear":
         inv_freq /= params["factor"]
@@ -67,7 +68,8 @@ def _llama3_scaled(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tens
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, params: dict[str, Any]):
         super().__init__()
-        self.inv_freq = nn.Buffer(inverse_frequencies(head_dim, params), persistent=False)
+        inv_freq = inverse_frequencies(head_dim, params)
+        self.inv_freq = nn.Buffer(inv_freq.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, each [T, 1, head_dim] (broadcast over heads), in `dtype`."""
