@@ -67,6 +67,8 @@ class _LazyTensor:
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fill every parameter of `model` from the checkpoint in model_dir; a missing, stray or misshapen
+    tensor is an error naming it."""
     files = checkpoint_files(model_dir)
     params = dict(model.named_parameters())
     # A tied weight appears once in `params`; its alias (lm_head.weight) must not overwrite it.
@@ -98,13 +100,14 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     raise ValueError(f"checkpoint tensor {name!r} in {path}: {e}") from e
                 loaded[target].add(placement.shard)
 
-    missing = [
-        name
-        for name, param in params.items()
-        if loaded[name] != set(getattr(model.get_submodule(name.rpartition(".")[0]), "shard_ids", (None,)))
-    ]
+    missing = [name for name in params if loaded[name] != _parts(model, name)]
     if missing:
         raise ValueError(
             f"the checkpoint in {model_dir} lacks weights the model needs: {', '.join(missing)} "
             f"(fused weights missing one of their parts are listed too)"
         )
+
+
+def _parts(model: nn.Module, param_name: str) -> set:
+    """The shard ids a parameter is loaded in: the fused layers' parts, or {None} for a whole tensor."""
+    return set(getattr(model.get_submodule(param_name.rpartition(".")[0]), "shard_ids", (None,)))
