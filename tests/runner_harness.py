@@ -21,6 +21,40 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+PROMPTS = [
+    "the quick brown fox", "jumps over a lazy dog", "while seven small birds", "sing in the old tree",
+    "once upon a time there was", "a", "hello world", "the rain in spain falls mainly on the plain",
+    "one two three four five six", "tprun",
+]
+
+
+def job_rows(n: int) -> list[dict]:
+    """n records of every prompt kind and different lengths; one with its own max_tokens."""
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))} for i in range(n)]
+    rows[5 % n] = {"id": f"r{5 % n}", "prompt_token_ids": [3, 50, 70, 90, 110]}
+    rows[9 % n] = {"id": f"r{9 % n}", "messages": [{"role": "user", "content": "sing a song"}]}
+    rows[13 % n]["max_tokens"] = 4
+    return rows
+
+
+# Seeded sampling (not greedy) so that a record's tokens depend on its seed: only per-record seeds make
+# them independent of chunking and of the DP group that ran it. float64: TP changes only the order of
+# float64 partial sums, so results compare exactly.
+SAMPLING = ("--dtype", "float64", "--temperature", "0.8", "--top-p", "0.9", "--max-tokens", "12", "--ignore-eos",
+            "--seed", "7")
+
+
+@dataclass(frozen=True)
+class ReferenceJob:
+    model: Path
+    input: Path
+    results: str  # results.jsonl of the job run in one process, uninterrupted
+    num_records: int
+
+    def args(self, out: Path, *extra: str) -> list[str]:
+        return run_args(self.model, self.input, out, *SAMPLING, *extra)
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TPRUN_", "SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))

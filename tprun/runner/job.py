@@ -177,6 +177,9 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
     if ctx.rank == 0:
         done_before = sum(parts.read_done(plan.out, k)["records"] for k in range(plan.index.num_chunks)
                           if parts.is_done(plan.out, k))
+        log(f"running {plan.index.num_records - done_before} of {plan.index.num_records} records "
+            f"({plan.index.num_chunks} chunks of {plan.spec.chunk_size} lines) on tp({ctx.tp_size}) x "
+            f"dp({ctx.dp_size}); results in {plan.out}")
         progress = Progress(ctx.store, total=plan.index.num_records, already_done=done_before,
                             quiet=quiet).start()
     claimer = ChunkClaimer(ctx.store, num_chunks=plan.index.num_chunks,
@@ -197,7 +200,6 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
     except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it and stop
         code, failed = _failed(e, plan, ctx, watchdog), True
     finally:
-        stop.restore()
         if progress is not None:
             progress.close()
     watchdog.stop()
@@ -207,6 +209,8 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
         _hard_exit(code, ctx.rank)
     if not failed:
         _leave(ctx)
+    # Only now: a stop signal that lands after the verdict must not kill the process with it unreported.
+    stop.restore()
     return code
 
 
@@ -319,26 +323,33 @@ class _PeerFailed(Exception):
 
 def _failed(e: Exception, plan: _Plan, ctx: Any, watchdog: Any) -> int:
     """Name the cause (another rank or this one), tell every rank, pick the exit code."""
-    import torch.distributed as dist
-
     log = plan.log
     reason = e.args[0] if isinstance(e, _PeerFailed) else watchdog.aborted()
+    if reason is None and _is_collective_error(e):
+        # A TP peer vanished mid-collective, or failed and wrote why: tell which.
+        lost = watchdog.find_lost([r for r in ctx.tp_group_ranks if r != ctx.rank])
+        first = str(e).splitlines()[0].split(" This is typically")[0]
+        if lost is None:
+            reason = f"rank {ctx.rank} lost the job's store (hosted by rank 0): rank 0 is probably gone ({first})"
+        elif lost:
+            reason = (f"{', '.join(watchdog.describe(r) for r in lost)} is gone (rank {ctx.rank} lost it in a "
+                      f"collective of TP group {ctx.dp_rank}: {first})")
+            watchdog.abort(reason)
+        else:
+            reason = watchdog.aborted()
     if reason is not None:
         log(f"stopping because {reason}; exiting with {EXIT_PEER_FAILED}")
         return EXIT_PEER_FAILED
-    if isinstance(e, dist.DistError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
-        peers = [r for r in ctx.tp_group_ranks if r != ctx.rank]
-        lost = watchdog.find_lost(peers)
-        if lost:
-            reason = (f"{', '.join(watchdog.describe(r) for r in lost)} is gone (rank {ctx.rank} lost it in a "
-                      f"collective of TP group {ctx.dp_rank}: {str(e).splitlines()[0]})")
-            log(f"{reason}; exiting with {EXIT_PEER_FAILED}")
-            watchdog.abort(reason)
-            return EXIT_PEER_FAILED
-    reason = f"rank {ctx.rank} failed: {type(e).__name__}: {e}"
     log(f"error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    watchdog.abort(reason)
+    watchdog.abort(f"rank {ctx.rank} failed: {type(e).__name__}: {e}")
     return EXIT_FAILED
+
+
+def _is_collective_error(e: Exception) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or "gloo" in text or "nccl" in text or "connection reset" in text
 
 
 def _hard_exit(code: int, rank: int) -> None:

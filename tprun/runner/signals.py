@@ -52,11 +52,11 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            self._log(f"tprun: {name} again: abandoning the chunk in flight; exiting with "
+            self._log(f"{name} again: abandoning the chunk in flight; exiting with "
                       f"{EXIT_REQUEUE} (requeue)")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_REQUEUE)
         self.signal_name = name
-        self._log(f"tprun: {name}: finishing the chunk in flight, then exiting with {EXIT_REQUEUE} "
+        self._log(f"{name}: finishing the chunk in flight, then exiting with {EXIT_REQUEUE} "
                   "(requeue); a rerun resumes. Send it again to abandon the chunk now.")

@@ -86,16 +86,16 @@ class Watchdog:
             return self._read_abort()
         return None
 
-    def find_lost(self, ranks: list[int], wait_s: float | None = None) -> list[int]:
-        """Of `ranks`, those whose heartbeat does not move within `wait_s`: to name the peer behind a
-        failed collective."""
+    def find_lost(self, ranks: list[int], wait_s: float | None = None) -> list[int] | None:
+        """Of `ranks`, those whose heartbeat does not move within `wait_s`, to name the peer behind a failed
+        collective; None when the store itself is unreachable (then rank 0 is the one gone)."""
         wait_s = 2.5 * self.period_s if wait_s is None else wait_s
         try:
             before = {r: self.store.add(keys.heartbeat(r), 0) for r in ranks}
             time.sleep(wait_s)
             return [r for r in ranks if self.store.add(keys.heartbeat(r), 0) == before[r]]
         except _STORE_ERRORS:
-            return []
+            return None
 
     # -- threads ---------------------------------------------------------------------------------------
 

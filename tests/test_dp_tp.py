@@ -1,0 +1,61 @@
+"""Data parallel x tensor parallel jobs: same results as one process, and a dead rank hangs nobody."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+
+import pytest
+
+from tests.runner_harness import done_chunks, launch_ranks, run_torchrun, wait_for
+from tprun.runner.exit_codes import EXIT_OK, EXIT_PEER_FAILED
+
+pytestmark = pytest.mark.slow
+
+
+def assert_each_id_once(results_text: str, n: int) -> None:
+    ids = Counter(json.loads(line)["id"] for line in results_text.splitlines())
+    assert len(ids) == n and set(ids.values()) == {1}
+
+
+def test_tp2_dp2_results_equal_single_process(reference_job, tmp_path):
+    out = tmp_path / "out"
+    r = run_torchrun(4, reference_job.args(out, "--tp", "2", "--dp", "2", "--chunk-size", "3"))
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert (out / "results.jsonl").read_text() == reference_job.results
+    assert_each_id_once(reference_job.results, 40)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [g["ranks"] for g in summary["groups"]] == [[0, 1], [2, 3]]
+    assert sum(g["chunks"] for g in summary["groups"]) == 14  # ceil(40 / 3), each chunk once
+    assert "group 1 (ranks 2-3)" in r.stderr and "tok/s" in r.stderr
+
+
+def test_dp2_results_equal_single_process(reference_job, tmp_path):
+    out = tmp_path / "out"
+    r = run_torchrun(2, reference_job.args(out, "--dp", "2", "--chunk-size", "5"))
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert (out / "results.jsonl").read_text() == reference_job.results
+
+
+@pytest.mark.parametrize("victim", [3, 0], ids=["rank3", "rank0-store-host"])
+def test_kill9_of_one_rank_stops_every_rank_within_60s_and_rerun_matches(reference_job, tmp_path, victim):
+    """Ranks run without torchrun's agent, which would kill the survivors itself: the runner must."""
+    out = tmp_path / "out"
+    args = reference_job.args(out, "--tp", "2", "--dp", "2", "--chunk-size", "2")
+    ranks = launch_ranks(4, args, tmp_path / "logs")
+    wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks", ranks=ranks)
+    ranks.signal(signal.SIGKILL, [victim])
+    exit_after = ranks.wait(timeout=90)
+    survivors = [r for r in range(4) if r != victim]
+    assert max(exit_after[r] for r in survivors) < 60, (exit_after, ranks.output())
+    assert all(ranks.codes[r] == EXIT_PEER_FAILED for r in survivors), (ranks.codes, ranks.output())
+    assert f"rank {victim}" in ranks.output(survivors[0]) + ranks.output(survivors[-1])
+    assert len(done_chunks(out)) < 20, "the job finished before the kill; nothing was tested"
+    assert not (out / "results.jsonl").exists()
+
+    r = run_torchrun(4, args)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    results = (out / "results.jsonl").read_text()
+    assert results == reference_job.results
+    assert_each_id_once(results, 40)

@@ -1,0 +1,86 @@
+"""Preemption: a stop signal ends every rank cleanly with exit 75 (requeue), no partial record is
+visible, and rerunning the same command completes the job with exactly the uninterrupted results."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.runner_harness import (
+    done_chunks,
+    job_rows,
+    launch_ranks,
+    read_jsonl,
+    run_args,
+    run_cli,
+    run_torchrun,
+    wait_for,
+    write_jsonl,
+)
+from tprun.runner.exit_codes import EXIT_OK, EXIT_REQUEUE
+from tprun.runner.inputs import scan_input
+
+pytestmark = pytest.mark.slow
+
+
+def assert_no_partial_records(out, reference_job) -> None:
+    """Every part on disk has its done marker and exactly the records of its chunk's lines."""
+    from tprun.config import SamplingParams
+
+    index = scan_input(reference_job.input, 2, SamplingParams())
+    visible = sorted((out / "parts").glob("chunk-*.jsonl"))
+    assert [int(p.stem.split("-")[1]) for p in visible] == done_chunks(out)
+    for p in visible:
+        k = int(p.stem.split("-")[1])
+        assert [r["line"] for r in read_jsonl(p)] == list(index.chunk_lines(k))
+    assert not (out / "results.jsonl").exists() and not (out / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("signalled", ["all", "one"], ids=["sigterm-every-rank", "sigterm-rank1-only"])
+def test_sigterm_stops_cleanly_for_requeue_and_rerun_completes(reference_job, tmp_path, signalled):
+    """'one': only rank 1 is told (a single evicted pod): its TP group agrees to stop with it, and the
+    other group stops at its next chunk boundary, so the whole job requeues together."""
+    out = tmp_path / "out"
+    args = reference_job.args(out, "--tp", "2", "--dp", "2", "--chunk-size", "2")
+    ranks = launch_ranks(4, args, tmp_path / "logs")
+    wait_for(lambda: len(done_chunks(out)) >= 1, timeout=180, what="a finished chunk", ranks=ranks)
+    ranks.signal(signal.SIGTERM, None if signalled == "all" else [1])
+    exit_after = ranks.wait(timeout=120)
+    assert ranks.codes == [EXIT_REQUEUE] * 4, (ranks.codes, ranks.output())
+    assert max(exit_after) < 60
+    assert "SIGTERM: finishing the chunk in flight" in ranks.output(1)
+    assert f"exiting with {EXIT_REQUEUE} so the job is requeued" in ranks.output(0)
+    assert 1 <= len(done_chunks(out)) < 20, "the job finished before the signal; nothing was tested"
+    assert_no_partial_records(out, reference_job)
+
+    r = run_torchrun(4, args)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert (out / "results.jsonl").read_text() == reference_job.results
+    assert len({json.loads(x)["id"] for x in reference_job.results.splitlines()}) == 40
+
+
+def test_second_signal_abandons_the_chunk_in_flight_at_once(demo_model, tmp_path):
+    # One chunk that takes many seconds: one sequence at a time, 200 tokens each.
+    inp = write_jsonl(tmp_path / "in.jsonl", job_rows(20))
+    out = tmp_path / "out"
+    args = run_args(demo_model, inp, out, "--max-tokens", "200", "--ignore-eos", "--chunk-size", "20",
+                    "--engine", "max_num_seqs=1")
+    ranks = launch_ranks(1, args, tmp_path / "logs")
+    wait_for(lambda: "running 20 of 20 records" in ranks.output(), timeout=120, what="the job to start",
+             ranks=ranks)
+    ranks.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    ranks.signal(signal.SIGTERM)
+    exit_after = ranks.wait(timeout=60)
+    assert ranks.codes == [EXIT_REQUEUE], ranks.output()
+    assert exit_after[0] < 5
+    assert "SIGTERM again: abandoning the chunk in flight" in ranks.output()
+    assert done_chunks(out) == [] and not list(out.glob("parts/chunk-*.jsonl"))
+    assert not (out / "results.jsonl").exists()
+
+    r = run_cli(args)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert [x["id"] for x in read_jsonl(out / "results.jsonl")] == [f"r{i}" for i in range(20)]
