@@ -10,7 +10,8 @@ what `backoffLimitPerIndex` and a plain `backoffLimit` do, only restarts a rank 
 longer exists. So:
 - any container exit other than 0 fails the whole Job at once (podFailurePolicy FailJob; the Job
   controller then stops the other pods); `backoffLimit: 0` makes every other counted failure do the
-  same. Retrying is resubmitting the Job (the output directory lets a rerun resume);
+  same. Retrying is resubmitting the Job: the output directory lets a rerun resume (`tprun run` exits
+  75 when stopped, 76 when a peer died: "rerun to resume"; 2 and 3 mean "fix the job first");
 - a disruption (preemption, eviction, node drain: the DisruptionTarget condition) is not the job's
   fault: Ignore replaces that pod without counting. Before the group forms, the others are still
   waiting at the rendezvous and the replacement joins them; after, the survivors fail and FailJob
