@@ -25,7 +25,7 @@ PY = sys.executable
 CLUSTER = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
            "KUBERNETES_PORT": "tcp://10.96.0.1:443", "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp"}
 JOB = {**CLUSTER, "HOSTNAME": "llama-1", "JOB_COMPLETION_INDEX": "1", "TPRUN_JOB_NAME": "llama",
-       "TPRUN_SERVICE": "llama", "TPRUN_NAMESPACE": "inference", "TPRUN_POD_NAME": "llama-1-x7k2p",
+       "TPRUN_SERVICE": "llama", "TPRUN_NAMESPACE": "inference",
        "TPRUN_NUM_PODS": "2", "TPRUN_PROCS_PER_POD": "1", "MASTER_PORT": "29500", "TPRUN_DNS_TIMEOUT_S": "300"}
 # LWS 0.6+ on a leader pod `vllm-0` and a worker pod `vllm-0-1` of a group of 2.
 LWS_LEADER = {**CLUSTER, "HOSTNAME": "vllm-0", "LWS_LEADER_ADDRESS": "vllm-0.vllm.default", "LWS_GROUP_SIZE": "2",

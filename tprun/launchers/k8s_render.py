@@ -191,7 +191,6 @@ def _env(spec: JobSpec) -> list[dict[str, Any]]:
         {"name": "TPRUN_JOB_NAME", "value": n["job"]},
         {"name": "TPRUN_SERVICE", "value": n["service"]},
         {"name": "TPRUN_NAMESPACE", **field("metadata.namespace")},
-        {"name": "TPRUN_POD_NAME", **field("metadata.name")},
         {"name": "TPRUN_NUM_PODS", "value": str(spec.resources.nodes)},
         {"name": "TPRUN_PROCS_PER_POD", "value": str(spec.resources.processes_per_node)},
         {"name": "MASTER_PORT", "value": str(spec.kubernetes.master_port)},
