@@ -146,7 +146,8 @@ AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 GresTypes=gpu
-# Short waits keep cancel/requeue tests fast.
+# Short waits keep cancel/requeue tests fast (a requeued job waits cred_expire, 120 s by default).
+AuthInfo=cred_expire=10
 KillWait=10
 MinJobAge=300
 SchedulerParameters=sched_interval=2
@@ -154,7 +155,7 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 EOF
   for i in $(seq "$NODES"); do
-    echo "NodeName=$(node_name "$i") NodeAddr=$(node_ip "$i") CPUs=$CPUS RealMemory=4000 Gres=gpu:$GPUS State=UNKNOWN"
+    echo "NodeName=$(node_name "$i") NodeAddr=$(node_ip "$i") CPUs=$CPUS RealMemory=16000 Gres=gpu:$GPUS State=UNKNOWN"
   done
   echo "PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=20"
   echo "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
@@ -170,6 +171,7 @@ EOF
 ip link add "$BRIDGE" type bridge
 ip addr add "$CTL/24" dev "$BRIDGE"
 ip link set "$BRIDGE" up
+echo "$MARKER: the nodes have no DNS server (see below)" >"$ROOT/resolv.conf"
 hosts_lines=""
 for i in $(seq "$NODES"); do
   n=$(node_name "$i")
@@ -195,7 +197,11 @@ for i in $(seq "$NODES"); do
   n=$(node_name "$i")
   mkdir -p "$ROOT/spool/$n"
   # nsenter, not `ip netns exec`: that one remounts /sys and slurmd then fails to init its cgroup plugin.
-  nsenter --net="/run/netns/$(netns_name "$i")" unshare --uts sh -c "hostname $n && exec slurmd -N $n"
+  # A mount namespace only to give the node an empty resolv.conf: the host's DNS server is unreachable
+  # from the bridge, and every lookup /etc/hosts cannot answer (c10d's reverse lookup of an IPv4-mapped
+  # client address) would otherwise wait 10 s for it. Host mounts still propagate in (slave).
+  nsenter --net="/run/netns/$(netns_name "$i")" unshare --uts --mount --propagation slave sh -c \
+    "mount --bind $ROOT/resolv.conf /etc/resolv.conf && hostname $n && exec slurmd -N $n"
 done
 wait_for 30 "$NODES idle nodes" healthy
 echo "slurm-up: $NODES nodes up: $(sinfo -h -o '%P %D %T %N' | tr '\n' ';') logs in $ROOT/log"

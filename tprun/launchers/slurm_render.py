@@ -1,0 +1,98 @@
+"""`tprun render slurm SPEC`: the sbatch script of a JobSpec.
+
+One srun task per process (`--nodes` x `--ntasks-per-node` = tp * dp); every task runs `tprun run SPEC`
+and reads its rank from Slurm (launchers/slurm.py). Preemption: `--signal` reaches every task before the
+time limit, tprun finishes the chunk in flight and exits 75, and the script requeues the job, which
+resumes where it stopped; `--requeue` also lets Slurm requeue it on preemption or node failure.
+
+No `--kill-on-bad-exit`: on a preemption signal every rank exits 75 on its own schedule (after its TP
+group's chunk), and killing the others at the first exit would throw their chunks away. A rank that
+fails is covered by tprun's watchdog, which stops the others within a minute.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from tprun.config import JobSpec
+from tprun.runner.exit_codes import EXIT_REQUEUE
+
+# torch starts one thread per core of the node in every task, so tasks sharing a node oversubscribe it
+# (torchrun sets 1; Slurm sets nothing). A value the user exported wins.
+THREADS = [
+    "# One compute thread per CPU Slurm gave the task (torch would take every core of the node).",
+    'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+]
+
+
+def slurm_memory(memory: str) -> str:
+    """A Resources.memory value as sbatch --mem takes it: Kubernetes' binary suffixes (Gi) become
+    Slurm's (G, also binary); plain numbers are megabytes to Slurm."""
+    m = re.fullmatch(r"(\d+)([KMGT])?(i)?", memory.strip())
+    if not m:
+        raise ValueError(
+            f"resources.memory {memory!r} is not a memory size Slurm accepts; use e.g. 64G or 64Gi"
+        )
+    return m.group(1) + (m.group(2) or "")
+
+
+def sbatch_options(spec: JobSpec) -> list[tuple[str, str | None]]:
+    """(option, value) pairs in the order the script lists them; value None is a bare flag."""
+    res, slurm = spec.resources, spec.slurm
+    opts: list[tuple[str, str | None]] = [
+        ("job-name", spec.name),
+        ("nodes", str(res.nodes)),
+        ("ntasks-per-node", str(res.processes_per_node)),
+        ("cpus-per-task", str(res.cpus_per_proc)),
+    ]
+    if res.gpus_per_node > 0:
+        opts.append(("gpus-per-node", str(res.gpus_per_node)))
+    if res.memory:
+        opts.append(("mem", slurm_memory(res.memory)))
+    opts.append(("time", slurm.time))
+    for key in ("partition", "account", "qos", "constraint", "chdir"):
+        if getattr(slurm, key):
+            opts.append((key, getattr(slurm, key)))
+    opts.append(("signal", slurm.signal))
+    opts.append(("requeue" if slurm.requeue else "no-requeue", None))
+    # A requeued job writes to the same log: append, so the earlier runs' output stays readable.
+    opts.append(("open-mode", "append"))
+    return opts
+
+
+def render_sbatch(spec: JobSpec, spec_path: str) -> str:
+    spec.check_resources()
+    res, slurm, par = spec.resources, spec.slurm, spec.parallel
+    lines = [
+        "#!/bin/bash",
+        (f"# tprun job {spec.name}: {res.nodes} node(s) x {res.processes_per_node} task(s), "
+         f"TP={par.tensor_parallel_size} x DP={par.data_parallel_size}."),
+        f"# Rendered by `tprun render slurm {spec_path}`; change the spec and render again rather than",
+        "# editing this file. Submit from the directory the spec's relative paths start in, with tprun's",
+        "# Python environment active (sbatch hands the environment on to the tasks):",
+        "#   sbatch THIS_FILE [tprun run flags, e.g. --output out/other]",
+    ]
+    for key, value in sbatch_options(spec):
+        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={shlex.quote(value)}")
+    lines += [f"#SBATCH {opt.strip()}" for opt in slurm.extra_sbatch]
+    lines += ["", "set -u", *THREADS]
+    if slurm.setup:
+        lines += ["", *slurm.setup]
+    srun = ["srun", f"--cpus-per-task={res.cpus_per_proc}", *slurm.srun_args]
+    run = [*shlex.split(slurm.python), "-m", "tprun", "run", spec_path]
+    lines += [
+        "",
+        "# One task per process; each reads its rank from SLURM_PROCID. srun of Slurm 22.05-23.02 does not",
+        "# inherit --cpus-per-task from the job, hence it is repeated here.",
+        " ".join(shlex.quote(a) for a in srun + run) + ' "$@"',
+        "rc=$?",
+        f"# {EXIT_REQUEUE}: stopped by --signal or preemption before every chunk was done. Requeued, the job",
+        "# restarts with the same id and output directory and skips the chunks already written.",
+        f'if [ "$rc" -eq {EXIT_REQUEUE} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {slurm.max_requeues} ]; then',
+        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""`tprun.submit(spec, backend="slurm")`: the job through submitit, one srun task per process.
+
+Each task unpickles a `TprunTask` and runs the tprun job in-process, reading its rank from Slurm
+exactly as `tprun run` under deploy/slurm.sbatch does. A rank that fails raises, so its traceback
+and the end of its stderr land in submitit's result for that task and in `logs()`.
+
+Preemption and time limits: submitit asks for its signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says
+otherwise) spec.slurm.signal's seconds before the end. tprun stops claiming chunks, finishes the one in
+flight and returns 75; rank 0 then requeues the job, which restarts with the same id and folder and
+resumes, skipping finished chunks. If the signal comes while tprun's own handlers are not installed,
+submitit's handler checkpoints the same call (`TprunTask.checkpoint`) and requeues it itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from tprun.config import JobSpec
+from tprun.launchers.handle import JobHandle, JobState
+from tprun.launchers.slurm_render import THREADS, sbatch_options
+from tprun.runner.exit_codes import EXIT_OK, EXIT_REQUEUE
+
+try:
+    import submitit
+except ImportError as e:
+    raise ImportError("submitting to Slurm needs submitit: pip install 'tprun[launch]'") from e
+
+# sacct's State column (first word: "CANCELLED by 0") -> JobState. PREEMPTED, NODE_FAIL and REQUEUED
+# jobs come back when requeueing is on, so they only count as final when it is off.
+SACCT_STATES: dict[str, JobState] = {
+    "PENDING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING", "REQUEUE_FED": "PENDING",
+    "CONFIGURING": "PENDING", "RESV_DEL_HOLD": "PENDING",
+    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "SUSPENDED": "RUNNING", "RESIZING": "RUNNING",
+    "STOPPED": "RUNNING", "SIGNALING": "RUNNING", "STAGE_OUT": "RUNNING",
+    "COMPLETED": "COMPLETED",
+    "CANCELLED": "CANCELLED",
+    "FAILED": "FAILED", "TIMEOUT": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
+    "DEADLINE": "FAILED", "NODE_FAIL": "FAILED", "PREEMPTED": "FAILED",
+}
+REQUEUEABLE = frozenset({"PREEMPTED", "NODE_FAIL"})
+STDERR_TAIL_LINES = 40
+SLURM_CMD_TIMEOUT_S = 60
+
+
+class TprunTaskError(RuntimeError):
+    """A rank of the job exited non-zero; the message has its exit code and the end of its stderr."""
+
+
+class TprunTask(submitit.helpers.Checkpointable):
+    """What every srun task runs. Checkpointable, with the default checkpoint(): the same call is
+    requeued as it is, since the finished chunks are on disk and a rerun resumes from them."""
+
+    def __init__(self, spec: JobSpec, max_requeues: int) -> None:
+        self.spec = spec
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> int:
+        from tprun.runner.job import run_job  # on the cluster: submitting needs no engine
+
+        rc = run_job(self.spec, overwrite=False, quiet=True)
+        if rc == EXIT_OK:
+            return rc
+        env = submitit.JobEnvironment()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if rc == EXIT_REQUEUE and restarts < self.max_requeues:
+            if env.global_rank == 0:
+                _requeue(env.job_id)
+            # SystemExit, not an exception: submitit then writes no result, and the requeued run will.
+            sys.exit(rc)
+        raise TprunTaskError(_failure_message(env, rc, restarts))
+
+
+def _requeue(job_id: str) -> None:
+    # Fails harmlessly when the stop came from scancel (the job is already ending) or from Slurm's own
+    # preemption (Slurm requeues it itself).
+    result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
+                            timeout=SLURM_CMD_TIMEOUT_S)
+    if result.returncode:
+        print(f"tprun: not requeued: {result.stderr.strip()}", file=sys.stderr, flush=True)
+    else:
+        print(f"tprun: requeued job {job_id}; it resumes where it stopped", file=sys.stderr, flush=True)
+
+
+def _failure_message(env, rc: int, restarts: int) -> str:
+    why = {EXIT_REQUEUE: f"stopped for preemption, but the job was requeued {restarts} times already"}
+    msg = f"tprun rank {env.global_rank} (job {env.job_id}) exited with {rc}"
+    msg += f": {why[rc]}" if rc in why else " (see tprun/runner/exit_codes.py)"
+    try:
+        tail = Path(env.paths.stderr).read_text(errors="replace").splitlines()[-STDERR_TAIL_LINES:]
+        msg += "; its stderr ends with:\n" + "\n".join(tail)
+    except OSError:
+        pass
+    return msg
+
+
+def submit_slurm(spec: JobSpec, folder: str | Path | None = None, **parameters) -> SlurmJob:
+    """Submit `spec` as one Slurm job of tp * dp tasks. `folder` holds submitit's pickles and the
+    per-task logs (default: OUTPUT.submitit/ next to the output directory); `parameters` go to
+    submitit's SlurmExecutor.update_parameters and win over the spec."""
+    spec.check_resources()
+    folder = Path(folder) if folder else Path(spec.output).with_name(Path(spec.output).name + ".submitit")
+    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=spec.slurm.max_requeues,
+                                      python=_python(spec))
+    executor.update_parameters(**{**executor_parameters(spec), **parameters})
+    job = executor.submit(TprunTask(spec, spec.slurm.max_requeues))
+    return SlurmJob(job, requeue=spec.slurm.requeue)
+
+
+def executor_parameters(spec: JobSpec) -> dict:
+    """The sbatch options of `tprun render slurm`, in submitit's terms."""
+    res, slurm = spec.resources, spec.slurm
+    params: dict = {
+        "job_name": spec.name,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.processes_per_node,
+        "cpus_per_task": res.cpus_per_proc,
+        "time": slurm.time_minutes,
+        # submitit sends its own signal (it is what its handler listens to); the lead time is ours.
+        "signal_delay_s": slurm.signal_seconds,
+        "setup": [*THREADS, *slurm.setup],
+        "srun_args": [f"--cpus-per-task={res.cpus_per_proc}", *slurm.srun_args],
+        "stderr_to_stdout": False,
+    }
+    if res.gpus_per_node > 0:
+        params["gpus_per_node"] = res.gpus_per_node
+    # Options submitit does not model pass through as sbatch lines, as `tprun render slurm` writes them.
+    passthrough = {"mem", "partition", "account", "qos", "constraint", "chdir", "requeue", "no-requeue"}
+    extra: dict = {k.replace("-", "_"): (True if v is None else v)
+                   for k, v in sbatch_options(spec) if k in passthrough}
+    for opt in slurm.extra_sbatch:
+        key, sep, value = opt.strip().lstrip("-").partition("=")
+        extra[key.replace("-", "_")] = value if sep else True
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def _python(spec: JobSpec) -> str:
+    # The tasks unpickle what this process pickled: by default the same interpreter runs them.
+    if "python" not in spec.slurm.model_fields_set:
+        return shlex.quote(sys.executable)
+    python = spec.slurm.python
+    return shlex.quote(os.path.abspath(python)) if "/" in python and not python.startswith("/") else python
+
+
+class SlurmJob(JobHandle):
+    def __init__(self, job, requeue: bool = True) -> None:
+        self.job = job
+        self.job_id = str(job.job_id)
+        self.requeue = requeue
+
+    def sacct_state(self) -> str:
+        """sacct's State of the job's latest run ("" until the job is known to accounting)."""
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", self.job_id],
+                             check=False, capture_output=True, text=True, timeout=SLURM_CMD_TIMEOUT_S).stdout
+        states = [line.split("|")[1] for line in out.splitlines() if line.split("|")[0] == self.job_id]
+        return states[-1].split()[0] if states else ""
+
+    def status(self) -> JobState:
+        raw = self.sacct_state()
+        if not raw:
+            # Not in accounting yet: squeue knows every job slurmctld holds.
+            raw = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%T"], check=False,
+                                 capture_output=True, text=True, timeout=SLURM_CMD_TIMEOUT_S).stdout.strip()
+        if self.requeue and raw in REQUEUEABLE:
+            return "PENDING"
+        return SACCT_STATES.get(raw, "UNKNOWN")
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.job_id], check=True, capture_output=True, timeout=SLURM_CMD_TIMEOUT_S)
+
+    def logs(self) -> str:
+        """Every task's stdout and stderr, rank by rank (with a failed rank's traceback)."""
+        parts = []
+        for rank in range(self.job.num_tasks):
+            task = self.job.task(rank)
+            for name, text in (("stdout", task.stdout()), ("stderr", task.stderr())):
+                if text:
+                    parts.append(f"===== rank {rank} {name} =====\n{text}")
+        return "\n".join(parts)
+
+    @property
+    def paths(self):
+        """submitit's files for rank 0 (pickles, logs), e.g. for `job.paths.folder`."""
+        return self.job.paths
