@@ -16,7 +16,7 @@ from torch import nn
 
 from tprun.worker.attention_metadata import AttentionMetadata
 
-# (q [T, nh, hd], k_cache or None, v_cache or None, k [T, nkv, hd], v, meta, scale, sliding_window) -> [T, nh, hd]
+# (q [T, nh, hd], k [T, nkv, hd], v, k_cache or None, v_cache or None, meta, scale, sliding_window) -> [T, nh, hd]
 AttentionBackend = Callable[..., torch.Tensor]
 
 
