@@ -257,17 +257,27 @@ class LocalPods:
 
     @staticmethod
     def _expose_interpreter(pod: Pod) -> list[str]:
-        """The image's Python must be usable by the pod's uid. Ours may sit under a 0700 home (pyenv in
-        /root): in the pod's mount namespace, cover that directory with an empty 0755 tmpfs and bind
-        only the interpreter's tree back into it. The host is untouched."""
-        base = Path(os.path.realpath(sys.base_prefix))
-        closed = next((p for p in reversed(base.parents) if p != Path("/") and not p.stat().st_mode & 0o001), None)
-        if closed is None:
-            return []
-        stage = pod.root / "interpreter"
-        stage.mkdir()
-        return [f"mount --bind {base} {stage}", f"mount -t tmpfs -o mode=755 tmpfs {closed}",
-                f"mkdir -p {base}", f"mount --bind {stage} {base}"]
+        """The image's Python and tprun must be usable by the pod's uid. Ours may sit under a 0700
+        directory (pyenv or a checkout in /root): in the pod's mount namespace, cover that directory
+        with an empty 0755 tmpfs and bind only the trees the pod needs back into it. The host is
+        untouched."""
+        needed = {Path(os.path.realpath(sys.base_prefix)), Path(__file__).resolve().parents[1]}
+        by_closed: dict[Path, list[Path]] = {}
+        for tree in sorted(needed):
+            closed = next((p for p in reversed(tree.parents) if p != Path("/") and not p.stat().st_mode & 0o001),
+                          None)
+            if closed is not None:
+                by_closed.setdefault(closed, []).append(tree)
+        script = []
+        for n, (closed, trees) in enumerate(by_closed.items()):
+            stages = [pod.root / f"expose-{n}-{i}" for i in range(len(trees))]
+            for tree, stage in zip(trees, stages, strict=True):
+                stage.mkdir()
+                script.append(f"mount --bind {tree} {stage}")
+            script.append(f"mount -t tmpfs -o mode=755 tmpfs {closed}")
+            for tree, stage in zip(trees, stages, strict=True):
+                script += [f"mkdir -p {tree}", f"mount --bind {stage} {tree}"]
+        return script
 
     def _ensure_mountpoint(self, target: Path, is_file: bool) -> None:
         missing = []
