@@ -22,7 +22,8 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     block_bytes_hint = 1 << 16
     # Each rank gets a different KV budget: the executor must settle on the smallest.
-    llm = LLM(model=model, tensor_parallel_size=2, dtype="float32", kv_cache_memory=block_bytes_hint * (rank + 1))
+    llm = LLM(model=model, tensor_parallel_size=2, dtype="float32", kv_cache_memory=block_bytes_hint * (rank + 1),
+              dist_timeout_s=60)
     ex = llm.llm_engine.executor
     report: dict = {"rank": rank, "num_blocks": llm.llm_engine.num_blocks,
                     "own_blocks": ex.worker.determine_num_available_blocks()}

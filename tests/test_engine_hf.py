@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.engine_prompts import PROMPT_LENGTHS, make_prompts
+from tests.procs import ROOT, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
 
@@ -43,10 +40,7 @@ def hf_greedy(model_dir: str, max_new_tokens: int) -> list[list[int]]:
 
 def run_engine(tmp_path: Path, tp: int, models: list[str]) -> list[dict]:
     out = tmp_path / f"tp{tp}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-port", "0",
-           str(ROOT / "tests" / "engine_check.py"), str(out), str(tp), *models]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(tp, [str(ROOT / "tests" / "engine_check.py"), str(out), str(tp), *models], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(tp)]
 

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.procs import ROOT, free_port, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +15,8 @@ def reports(tmp_path_factory) -> list[dict]:
 
     base = tmp_path_factory.mktemp("executor")
     model = make_demo_model(base / "model", arch="llama", seed=3)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), str(ROOT / "tests" / "executor_check.py"), str(base / "out"), str(model),
-           str(_free_port())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, [str(ROOT / "tests" / "executor_check.py"), str(base / "out"), str(model),
+                        str(free_port())], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((base / "out" / f"rank{r}.json").read_text()) for r in range(2)]
 

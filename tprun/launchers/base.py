@@ -20,6 +20,9 @@ class DistributedArgs:
     local_world_size: int
     master_addr: str
     master_port: int
+    # True where the launcher's agent already serves the TCPStore on master_port (torchrun does):
+    # rank 0 must then connect to it rather than bind the port again.
+    store_hosted_by_launcher: bool = False
 
     def __post_init__(self) -> None:
         if self.world_size < 1:

@@ -28,3 +28,9 @@ class TorchrunLauncher(Launcher):
     @property
     def master_port(self) -> int:
         return self._int("master_port", default=29500)
+
+    def distributed_args(self):
+        from dataclasses import replace
+
+        hosted = self.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        return replace(super().distributed_args(), store_hosted_by_launcher=hosted)

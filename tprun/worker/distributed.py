@@ -89,7 +89,7 @@ def _job_store(dargs, timeout: datetime.timedelta) -> dist.Store:
 
 
 def _make_store(dargs, timeout: datetime.timedelta) -> dist.Store:
-    is_master = dargs.rank == 0
+    is_master = dargs.rank == 0 and not getattr(dargs, "store_hosted_by_launcher", False)
     try:
         return dist.TCPStore(dargs.master_addr, dargs.master_port, dargs.world_size, is_master,
                              timeout=timeout, wait_for_workers=False, use_libuv=True)

@@ -127,7 +127,7 @@ class Worker:
         shutdown_distributed()
         self.dargs = replace(
             self.dargs, master_addr=request.new_master_addr, master_port=request.new_master_port,
-            world_size=request.new_world_size, rank=request.new_rank,
+            world_size=request.new_world_size, rank=request.new_rank, store_hosted_by_launcher=False,
             local_rank=self.dargs.local_rank if request.new_local_rank is None else request.new_local_rank,
         )
         self.init_device()
