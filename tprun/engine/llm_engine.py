@@ -7,6 +7,8 @@ sampler is what keeps the ranks of a TP group in lockstep.
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 from tprun.config import EngineConfig, SamplingParams
 from tprun.engine.block_manager import BlockManager
@@ -22,7 +24,7 @@ class LLMEngine:
         self.executor = EXECUTORS[config.distributed_executor_backend](config)
         worker = self.executor.worker
         self.max_model_len = worker.max_model_len
-        self.eos_token_ids = _eos_ids(worker.hf_config)
+        self.eos_token_ids = _eos_ids(worker.hf_config, config.model)
         num_blocks = self.executor.determine_num_available_blocks()
         self.executor.initialize_cache(num_blocks)
         self.scheduler = Scheduler(
@@ -72,8 +74,14 @@ class LLMEngine:
         self.executor.shutdown()
 
 
-def _eos_ids(hf_config) -> frozenset[int]:
-    eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+def _eos_ids(hf_config, model_dir: str) -> frozenset[int]:
+    """EOS ids from config.json and, as HF generate does, generation_config.json."""
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for eos in sources:
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return frozenset(ids)
