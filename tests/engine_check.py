@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from tprun import LLM, SamplingParams
 from tests.engine_prompts import PROMPT_LENGTHS, make_prompts
+from tprun import LLM, SamplingParams
 
 SCENARIOS = {
     # name: (engine kwargs, sampling kwargs)

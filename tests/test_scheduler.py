@@ -39,7 +39,7 @@ def _drive(num_blocks: int, block_size: int, specs: list[tuple[int, int]], token
 
 def test_small_cache_preempts_and_every_request_still_gets_all_its_tokens():
     specs = [(random.Random(i).randrange(3, 20), 10) for i in range(8)]
-    trace, sched, seqs = _drive(12, 4, specs, lambda s: s.num_tokens % 50)
+    _trace, sched, seqs = _drive(12, 4, specs, lambda s: s.num_tokens % 50)
     assert sched.num_preemptions > 0
     for s, (p, m) in zip(seqs, specs):
         assert s.finish_reason == "length" and len(s.output_token_ids) == m
@@ -64,5 +64,5 @@ def test_prompt_longer_than_model_or_cache_fails_alone():
 
 
 def test_request_that_outgrows_the_whole_cache_ends_with_an_error_instead_of_looping():
-    trace, sched, seqs = _drive(2, 4, [(6, 50)], lambda s: 1)
+    _trace, _sched, seqs = _drive(2, 4, [(6, 50)], lambda s: 1)
     assert seqs[0].finish_reason == "error" and "cannot hold" in seqs[0].error

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import Any, Self
 
 from tprun.config import EngineConfig, ParallelConfig, SamplingParams
 from tprun.engine.llm_engine import LLMEngine
@@ -97,7 +98,7 @@ class LLM:
     def shutdown(self) -> None:
         self.llm_engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tprun.config import EngineConfig
 from tprun.launchers.base import DistributedArgs
