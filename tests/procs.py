@@ -31,7 +31,7 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, **kw)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{cmd[:6]}... still running after {timeout} s\n{out[-2000:]}\n{err[-4000:]}")
+        raise AssertionError(f"{cmd[:6]}... still running after {timeout} s\n{out[-2000:]}\n{err[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

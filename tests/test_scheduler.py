@@ -41,7 +41,7 @@ def test_small_cache_preempts_and_every_request_still_gets_all_its_tokens():
     specs = [(random.Random(i).randrange(3, 20), 10) for i in range(8)]
     _trace, sched, seqs = _drive(12, 4, specs, lambda s: s.num_tokens % 50)
     assert sched.num_preemptions > 0
-    for s, (p, m) in zip(seqs, specs):
+    for s, (_, m) in zip(seqs, specs):
         assert s.finish_reason == "length" and len(s.output_token_ids) == m
 
 
