@@ -98,19 +98,23 @@ def check_model(path: str) -> ModelInfo:
         files = sorted(p.name for p in model.glob("*.safetensors"))
         if not files:
             raise JobError(f"model directory {model} has no *.safetensors weights")
-    sizes = {}
-    for name in files:
-        sizes[name] = _check_safetensors(model / name)
+    digests = {name: _check_safetensors(model / name) for name in files}
 
     text_config = config.get("text_config", config)
     vocab = text_config.get("vocab_size")
     return ModelInfo(
         vocab_size=vocab if isinstance(vocab, int) else None,
-        identity={"config_sha256": hashlib.sha256(config_bytes).hexdigest(), "safetensors": sizes},
+        identity={"config_sha256": hashlib.sha256(config_bytes).hexdigest(), "safetensors": digests},
     )
 
 
-def _check_safetensors(path: Path) -> int:
+# Bytes of weight data read from each end of a file for its digest: hashing 100 GB on every rank would
+# take minutes; a sample tells apart another checkpoint of the same architecture (other seed, fine-tune).
+_DIGEST_SAMPLE = 1 << 20
+
+
+def _check_safetensors(path: Path) -> str:
+    """Validate the header against the file; return a digest of header, size and sampled data."""
     size = path.stat().st_size
     what = f"{path} is corrupt"
     hint = "; re-download or re-convert the checkpoint"
@@ -121,10 +125,15 @@ def _check_safetensors(path: Path) -> int:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise JobError(f"{what}: header length {n} exceeds the file size {size}{hint}")
+        raw_header = f.read(n)
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(raw_header)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise JobError(f"{what}: its header is not JSON{hint}") from None
+        digest = hashlib.sha256(head + raw_header)
+        digest.update(f.read(_DIGEST_SAMPLE))
+        f.seek(max(8 + n, size - _DIGEST_SAMPLE))
+        digest.update(f.read(_DIGEST_SAMPLE))
     if not isinstance(header, dict):
         raise JobError(f"{what}: its header is not a JSON object{hint}")
     data = size - 8 - n
@@ -144,4 +153,4 @@ def _check_safetensors(path: Path) -> int:
                            f"bytes (truncated?){hint}")
         if t["dtype"] in _ITEMSIZE and end - begin != nbytes:
             raise JobError(f"{what}: tensor {name!r} takes {end - begin} bytes, its shape needs {nbytes}{hint}")
-    return size
+    return f"{size}:{digest.hexdigest()}"
