@@ -36,7 +36,7 @@ class ChunkClaimer:
         stop = self._any_in_group(self.stop.requested)
         if self.is_leader:
             if stop:
-                self.store.set(keys.STOP, self.stop.signal_name or "a signal on another rank of this group")
+                self.store.set(keys.STOP, self.stop.signal_name or "a stop signal on another rank of this TP group")
             if stop or self.store.check([keys.STOP]):
                 k = _STOP
             else:
@@ -45,7 +45,9 @@ class ChunkClaimer:
             k = 0
         k = self._from_leader(k)
         if k == _STOP:
-            self.stopped = self.stop.signal_name or "stop requested by another group"
+            self.stopped = (self.stop.signal_name if self.stop.requested
+                            else "a stop signal on another rank of this TP group" if stop
+                            else "stop requested by another group")
         return None if k < 0 else k
 
     def _claim(self) -> int:
