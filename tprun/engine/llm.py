@@ -24,8 +24,8 @@ class LLM:
         )
         from transformers import AutoTokenizer
 
+        self.llm_engine = LLMEngine(self.config)  # checks the model directory first, with a clear error
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, local_files_only=True)
-        self.llm_engine = LLMEngine(self.config)
 
     @property
     def dist(self):

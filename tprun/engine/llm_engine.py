@@ -25,6 +25,7 @@ class LLMEngine:
         worker = self.executor.worker
         self.max_model_len = worker.max_model_len
         self.eos_token_ids = _eos_ids(worker.hf_config, config.model)
+        self.vocab_size = worker.hf_config.vocab_size
         num_blocks = self.executor.determine_num_available_blocks()
         self.executor.initialize_cache(num_blocks)
         self.scheduler = Scheduler(
@@ -45,7 +46,12 @@ class LLMEngine:
             stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
         )
         seq = Sequence(next(self._ids), list(prompt_token_ids), options, self.eos_token_ids)
-        self.scheduler.add(seq)
+        bad = [t for t in seq.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            # At TP > 1 an out-of-range id would silently embed as zeros: refuse it here.
+            seq.finish("error", f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        else:
+            self.scheduler.add(seq)
         return seq
 
     def has_unfinished(self) -> bool:

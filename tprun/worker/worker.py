@@ -14,6 +14,7 @@ from tprun.worker.device import resolve_dtype, select_device
 from tprun.worker.distributed import DistContext, init_distributed, shutdown_distributed
 from tprun.worker.divergence import DivergenceDetector
 from tprun.worker.model_runner import ModelRunner
+from tprun.worker.models import check_supported
 from tprun.worker.parallel import TPGroup
 from tprun.worker.step import StepInput
 
@@ -44,6 +45,7 @@ class Worker:
         self.config = config
         self.dargs = dargs
         self.hf_config = load_hf_config(config.model)
+        check_supported(self.hf_config, config.parallel.tensor_parallel_size)
         self.device: torch.device | None = None
         self.dist: DistContext | None = None
         self.tp: TPGroup | None = None
@@ -76,7 +78,7 @@ class Worker:
         dtype = resolve_dtype(c.dtype, self.hf_config, self.device)
         self.runner = ModelRunner(
             c.model, self.hf_config, self.tp, dtype, self.device, c.block_size, self.max_model_len,
-            max(c.max_num_batched_tokens, self.max_model_len), c.max_num_seqs,
+            max(c.max_num_batched_tokens, self.max_model_len), c.max_num_seqs, enforce_eager=c.enforce_eager,
         )
 
     def determine_num_available_blocks(self) -> int:

@@ -60,3 +60,11 @@ def load_model(
     model = build_model(hf_config, tp, dtype, device)
     model.load_weights(model_dir)
     return model
+
+
+def check_supported(hf_config: Any, tp_size: int) -> None:
+    """The errors a rank can raise from config.json alone, before any rendezvous could hang."""
+    from tprun.worker.parallel import divide
+
+    model_class(hf_config)
+    divide(hf_config.num_attention_heads, tp_size, "the model's num_attention_heads")
