@@ -1,21 +1,34 @@
-"""Runs the model for one scheduled step: builds the flat batch, owns the KV cache, samples."""
+"""Runs the model for one scheduled step: builds the flat batch, owns the KV cache, samples.
+
+On CUDA the step's inputs go up through pinned memory with non-blocking copies, and decode steps replay
+CUDA graphs captured once per batch size (after the KV cache exists), padded up to the next captured
+size: padding rows have slot -1 (nothing stored) and context length 0 (nothing read).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tprun.worker.attention_metadata import AttentionMetadata
 from tprun.worker.models import load_model
 from tprun.worker.parallel import TPGroup
 from tprun.worker.sampler import Sampler
-from tprun.worker.step import StepInput
+from tprun.worker.step import SeqStep, StepInput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Captured decode batch sizes: small ones exactly, then every 16 (a step pads up to the next)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return [*sizes, max_num_seqs]
+
+
 class ModelRunner:
     def __init__(self, model_dir: str, hf_config, tp: TPGroup, dtype: torch.dtype, device: torch.device,
-                 block_size: int, max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+                 block_size: int, max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 enforce_eager: bool = False) -> None:
         self.hf_config = hf_config
         self.device = device
         self.dtype = dtype
@@ -23,9 +36,11 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.enforce_eager = enforce_eager
         self.model = load_model(model_dir, hf_config, tp, dtype, device)
         self.sampler = Sampler(device)
         self.num_blocks = 0
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # -- KV cache ------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -48,7 +63,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_cuda_budget(self, utilization: float) -> int:
-        # A worst-case prefill without a cache shows the activation peak the cache must leave room for.
+        # A worst-case prefill without a cache shows the activation peak the cache must leave room for;
+        # the logits and sampler buffers of a full decode batch come on top (float32, a few copies).
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         n = min(self.max_num_batched_tokens, self.max_model_len * self.max_num_seqs)
@@ -64,7 +80,8 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         torch.cuda.empty_cache()
-        return int(total * utilization - used_by_others - allocated - (peak - allocated))
+        sampler_bytes = 4 * self.max_num_seqs * self.hf_config.vocab_size * 4
+        return int(total * utilization - used_by_others - allocated - (peak - allocated) - sampler_bytes)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -72,12 +89,27 @@ class ModelRunner:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cuda" and not self.enforce_eager and self._graphs_supported():
+            self.capture_decode_graphs()
+
+    def _graphs_supported(self) -> bool:
+        from tprun.worker.layers.attention_cuda import unsupported_reason
+
+        a = self.model.attention_layers[0]
+        return unsupported_reason(a.head_dim, self.dtype) is None
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
         for seq_id in step.finished_seq_ids:
             self.sampler.release(seq_id)
+        return self.sampler(self.compute_logits(step), step.seqs)
+
+    @torch.inference_mode()
+    def compute_logits(self, step: StepInput) -> torch.Tensor:
+        """[len(step.seqs), vocab]: each sequence's next-token logits after this step."""
+        if not step.is_prefill and self.graphs and len(step.seqs) <= max(self.graphs):
+            return self._replay_decode(step.seqs)
         ids, pos, slots = [], [], []
         bs = self.block_size
         for s in step.seqs:
@@ -87,32 +119,92 @@ class ModelRunner:
             slots.extend(s.block_table[p // bs] * bs + p % bs for p in positions)
         meta = self._metadata([s.start_pos for s in step.seqs], [len(s.new_token_ids) for s in step.seqs],
                               [s.block_table for s in step.seqs], step.is_prefill, slots)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, meta)
+        hidden = self.model(self._upload(ids, torch.long), self._upload(pos, torch.long), meta)
         last = meta.cu_seqlens_q[1:].long() - 1
-        logits = self.model.compute_logits(hidden[last])
-        return self.sampler(logits, step.seqs)
+        return self.model.compute_logits(hidden[last])
+
+    def _upload(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """Host data to the device; on CUDA through pinned memory, without waiting for the copy."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _metadata(self, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
                   is_prefill: bool, slots: list[int] | None) -> AttentionMetadata:
-        dev = self.device
         seq_lens = [s + q for s, q in zip(starts, query_lens)]
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
-        width = max((len(t) for t in block_tables), default=0) or 1
-        tables = [t + [-1] * (width - len(t)) for t in block_tables]
         return AttentionMetadata(
             is_prefill=is_prefill,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots if slots is not None else [], dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            cu_seqlens_q=self._upload(cu, torch.int32),
+            seq_lens=self._upload(seq_lens, torch.int32),
+            slot_mapping=self._upload(slots if slots is not None else [], torch.long),
+            block_tables=self._upload(_padded_tables(block_tables, len(block_tables)), torch.int32),
             query_lens_list=list(query_lens),
             seq_lens_list=seq_lens,
             block_size=self.block_size,
         )
+
+    # -- CUDA graphs for decode ----------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_decode_graphs(self) -> None:
+        sizes = graph_batch_sizes(self.max_num_seqs)
+        top = sizes[-1]
+        max_blocks = -(-self.max_model_len // self.block_size)
+        dev = self.device
+        # Static inputs every graph reads; a replay writes the step's values into their first rows.
+        self._g_ids = torch.zeros(top, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(top, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((top,), -1, dtype=torch.long, device=dev)
+        self._g_seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
+        self._g_tables = torch.zeros((top, max_blocks), dtype=torch.int32, device=dev)
+        self._g_cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        pool = None
+        for bs in reversed(sizes):  # largest first, so the smaller graphs fit in its memory pool
+            meta = AttentionMetadata(False, self._g_cu[: bs + 1], self._g_seq_lens[:bs], self._g_slots[:bs],
+                                     self._g_tables[:bs], [1] * bs, [1] * bs, self.block_size)
+            self._decode_logits(bs, meta)  # compiles kernels and picks GEMM algorithms outside the capture
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_logits(bs, meta)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(dev)
+
+    def _decode_logits(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self._g_ids[:bs], self._g_pos[:bs], meta)
+        return self.model.compute_logits(hidden)
+
+    def _replay_decode(self, seqs: list[SeqStep]) -> torch.Tensor:
+        n = len(seqs)
+        bs = min(size for size in self.graphs if size >= n)
+        pad = bs - n
+        block = self.block_size
+        pos = [s.start_pos for s in seqs]
+        slots = [s.block_table[p // block] * block + p % block for s, p in zip(seqs, pos)]
+        tables = _padded_tables([s.block_table for s in seqs], bs)
+        self._g_ids[:bs].copy_(self._upload([s.new_token_ids[0] for s in seqs] + [0] * pad, torch.long),
+                               non_blocking=True)
+        self._g_pos[:bs].copy_(self._upload(pos + [0] * pad, torch.long), non_blocking=True)
+        self._g_slots[:bs].copy_(self._upload(slots + [-1] * pad, torch.long), non_blocking=True)
+        self._g_seq_lens[:bs].copy_(self._upload([p + 1 for p in pos] + [0] * pad, torch.int32), non_blocking=True)
+        # Columns past a row's own blocks keep stale entries: the kernels never read past seq_len.
+        self._g_tables[:bs, : tables.shape[1]].copy_(self._upload(tables, torch.int32), non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]
+
+
+def _padded_tables(tables: list[list[int]], rows: int) -> np.ndarray:
+    """int32 [rows, widest table], padded with -1 (rows beyond len(tables) are all padding)."""
+    width = max((len(t) for t in tables), default=0) or 1
+    out = np.full((rows, width), -1, dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
 
 
 def _split(total: int, most: int) -> list[int]:

@@ -35,15 +35,22 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, nh, hd], k and v [T, nkv, hd] for the T new tokens -> [T, nh * hd]."""
-        if self.k_cache is not None:
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        backend = select_backend(q.device)
+        backend = select_backend(q, self.k_cache)
         out = backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
-    """The one place that chooses how attention is computed; faster device backends plug in here."""
+def select_backend(q: torch.Tensor, k_cache: torch.Tensor | None) -> AttentionBackend:
+    """The one place that chooses how attention is computed. Each backend stores the new K/V itself.
+
+    CUDA with a cache: the Triton paged kernels (tprun/worker/layers/attention_cuda.py), unless the head
+    size or dtype is one they don't handle. The profiling run (no cache yet) and the CPU: the reference.
+    """
+    if q.device.type == "cuda" and k_cache is not None:
+        from tprun.worker.layers import attention_cuda
+
+        if attention_cuda.unsupported_reason(q.shape[-1], q.dtype) is None:
+            return attention_cuda.triton_attention
     return reference_attention
 
 
@@ -65,6 +72,8 @@ def reference_attention(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """One SDPA call per sequence: its new queries against its whole context (cached + new)."""
+    if k_cache is not None:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     start = 0
     for b, (query_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list, strict=True)):

@@ -134,7 +134,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
     group = num_heads // k_cache.shape[2]
     fp32 = q.dtype == torch.float32
-    block_m = block_m or (64 if fp32 else 128)
+    # (64, 64, 4 warps, 3 stages) was the fastest of six configs on an H100 (benchmarks/NOTES.md).
+    block_m = block_m or 64
     block_n = block_n or (32 if fp32 else 64)
     grid = (triton.cdiv(meta.max_seqlen_q, block_m), meta.num_seqs, num_heads)
     _prefill_kernel[grid](
@@ -143,7 +144,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), sliding_window or 0,
         GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=num_warps or (4 if fp32 else 8), num_stages=num_stages or (1 if fp32 else 2),
+        num_warps=num_warps or 4, num_stages=num_stages or (1 if fp32 else 3),
     )
     return out
 
@@ -260,6 +261,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------ the layer
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                     sliding_window: int | None) -> torch.Tensor:
+    """The AttentionBackend of tprun/worker/layers/attention.py."""
+    return paged_attention(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
