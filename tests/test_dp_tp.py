@@ -59,3 +59,16 @@ def test_kill9_of_one_rank_stops_every_rank_within_60s_and_rerun_matches(referen
     results = (out / "results.jsonl").read_text()
     assert results == reference_job.results
     assert_each_id_once(results, 40)
+
+
+def test_dead_rank_of_another_dp_group_is_caught_by_heartbeats_within_60s(reference_job, tmp_path):
+    """TP=1 x DP=2: the two ranks share no collective, only the store, so only the watchdog's heartbeats
+    (default timeout) can tell rank 0 that rank 1 is gone."""
+    out = tmp_path / "out"
+    ranks = launch_ranks(2, reference_job.args(out, "--dp", "2", "--chunk-size", "1"), tmp_path / "logs")
+    wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks", ranks=ranks)
+    ranks.signal(signal.SIGKILL, [1])
+    exit_after = ranks.wait(timeout=90)
+    assert exit_after[0] < 60 and ranks.codes[0] == EXIT_PEER_FAILED, (exit_after, ranks.output())
+    assert "rank 1 (" in ranks.output(0) and "stopped heartbeating" in ranks.output(0)
+    assert not (out / "results.jsonl").exists()

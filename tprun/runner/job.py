@@ -206,7 +206,7 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
     if failed and ctx.world_size > 1:
         # Peers are gone or going, and the process group may be broken mid-collective: a normal
         # interpreter teardown can then abort inside gloo's threads and lose the exit code.
-        _hard_exit(code, ctx.rank)
+        _hard_exit(code, ctx.rank, watchdog)
     if not failed:
         _leave(ctx)
     # Only now: a stop signal that lands after the verdict must not kill the process with it unreported.
@@ -352,9 +352,9 @@ def _is_collective_error(e: Exception) -> bool:
     return isinstance(e, dist.DistError) or "gloo" in text or "nccl" in text or "connection reset" in text
 
 
-def _hard_exit(code: int, rank: int) -> None:
+def _hard_exit(code: int, rank: int, watchdog: Any) -> None:
     if rank == 0:
-        time.sleep(1.5 * HEARTBEAT_S)  # rank 0 hosts the store: let the others read why
+        time.sleep(watchdog.linger_s)  # rank 0 hosts the store: let the others read why
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -86,6 +86,11 @@ class Watchdog:
             return self._read_abort()
         return None
 
+    @property
+    def linger_s(self) -> float:
+        """Long enough for every other rank's heartbeat thread to come round and read ABORT."""
+        return 2 * self.period_s + 0.5
+
     def find_lost(self, ranks: list[int], wait_s: float | None = None) -> list[int] | None:
         """Of `ranks`, those whose heartbeat does not move within `wait_s`, to name the peer behind a failed
         collective; None when the store itself is unreachable (then rank 0 is the one gone)."""
@@ -142,9 +147,9 @@ class Watchdog:
             self._log(f"tprun: rank {self.rank}: {reason}; exiting with {EXIT_PEER_FAILED}")
             if publish:
                 self.abort(reason)
-                if self.rank == 0:
-                    # Rank 0 hosts the store: linger so the others read the reason, not a broken socket.
-                    time.sleep(1.5 * self.period_s)
+            if self.rank == 0:
+                # Rank 0 hosts the store: linger so the others read the reason, not a broken socket.
+                time.sleep(self.linger_s)
             sys.stdout.flush()
             sys.stderr.flush()
             self._exit(EXIT_PEER_FAILED)
