@@ -166,7 +166,7 @@ def gemm_cases(bw: float, mm: float) -> None:
         ws = [torch.randn(n, k, device=DEV, dtype=DT) for n, k in ((qkv, h), (h, o_in), (gu, h), (h, d_in))]
         lm = torch.randn(vocab, h, device=DEV, dtype=DT)
         wbytes = sum(w.numel() for w in ws) * 2
-        for m in (1, 8, 32, 64, 128, 256, 512):
+        for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
             xs = [torch.randn(m, w.shape[1], device=DEV, dtype=DT) for w in ws]
             xl = torch.randn(m, h, device=DEV, dtype=DT)
 

@@ -49,19 +49,20 @@ def word_tokenizer(vocab_size: int):
 
 
 def make_bench_model(shape: str, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-                     device: str = "cpu", seed: int = 0) -> Path:
-    """Write the checkpoint once; a directory already holding this (shape, dtype, seed) is reused."""
+                     device: str = "cpu", seed: int = 0, **overrides: Any) -> Path:
+    """Write the checkpoint once; a directory already holding this (shape, dtype, seed, overrides) is
+    reused. overrides change config fields (tests use fewer layers of a bench shape)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of: {', '.join(SHAPES)}")
     out_dir = Path(out_dir)
-    stamp = {"shape": shape, "dtype": str(dtype), "seed": seed}
+    stamp = {"shape": shape, "dtype": str(dtype), "seed": seed, **overrides}
     marker = out_dir / MARKER
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = dict(SHAPES[shape])
+    settings = SHAPES[shape] | overrides
     config = AutoConfig.for_model(settings.pop("model_type"), bos_token_id=0, eos_token_id=1, pad_token_id=2,
                                   **settings)
     torch.manual_seed(seed)
