@@ -209,6 +209,13 @@ def run_job_err(spec: JobSpec, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def test_empty_input_file(job, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
+    code, err = run_job_err(job(input=str(tmp_path / "empty.jsonl")), capsys)
+    assert code == EXIT_BAD_INPUT
+    assert f"input {tmp_path / 'empty.jsonl'} has no records" in err
+
+
 def test_missing_input_file(job, tmp_path, capsys):
     code, err = run_job_err(job(input=str(tmp_path / "nope.jsonl")), capsys)
     assert code == EXIT_JOB_ERROR
