@@ -111,23 +111,26 @@ def test_bad_slurm_options_name_the_field_and_the_fix(field, value, message):
 # real ones are exercised in test_slurm_cluster.py).
 FAKE_SRUN = "#!/bin/sh\necho \"srun $*\" >> \"$LOG\"\nexit \"$SRUN_EXIT\"\n"
 FAKE_SCONTROL = "#!/bin/sh\necho \"scontrol $*\" >> \"$LOG\"\n"
+FAKE_SQUEUE = "#!/bin/sh\necho \"$JOB_STATE\"\n"
 
 
-@pytest.mark.parametrize(("srun_exit", "restarts", "requeued", "script_exit"), [
-    (0, 0, False, 0),
-    (75, 0, True, 0),  # preempted: requeue, and the job run ends cleanly
-    (75, 4, True, 0),
-    (75, 5, False, 75),  # max_requeues (5) reached: the stop shows as the job's exit code
-    (1, 0, False, 1),  # a failure is not retried
-    (76, 0, False, 76),
+@pytest.mark.parametrize(("srun_exit", "restarts", "state", "requeued", "script_exit"), [
+    (0, 0, "RUNNING", False, 0),
+    (75, 0, "RUNNING", True, 0),  # stopped by the time-limit signal: requeue, this run ends cleanly
+    (75, 4, "RUNNING", True, 0),
+    (75, 5, "RUNNING", False, 75),  # max_requeues (5) reached: the stop shows as the job's exit code
+    (75, 0, "COMPLETING", False, 75),  # scancel: the cancel wins
+    (1, 0, "RUNNING", False, 1),  # a failure is not retried
+    (76, 0, "RUNNING", False, 76),
 ])
-def test_script_requeues_a_preempted_job_up_to_max_requeues(tmp_path, srun_exit, restarts, requeued,
-                                                             script_exit):
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+def test_script_requeues_a_stopped_job_up_to_max_requeues(tmp_path, srun_exit, restarts, state, requeued,
+                                                          script_exit):
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("squeue", FAKE_SQUEUE)):
         (tmp_path / name).write_text(body)
         (tmp_path / name).chmod(stat.S_IRWXU)
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "LOG": str(tmp_path / "log"), "SRUN_EXIT": str(srun_exit),
-           "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": str(restarts), "SLURM_CPUS_PER_TASK": "1"}
+           "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": str(restarts), "SLURM_CPUS_PER_TASK": "1",
+           "JOB_STATE": state}
     script = tmp_path / "job.sbatch"
     script.write_text((ROOT / "deploy" / "slurm.sbatch").read_text())
     rc = subprocess.run(["bash", str(script), "--output", "out/x"], check=False, env=env, timeout=30).returncode

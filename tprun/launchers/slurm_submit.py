@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ class TprunTask(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> int:
+        # submitit only logs SIGTERM (scancel, Slurm's preemption). Until tprun's own handlers are in
+        # place, once its engine is up, nothing has been done yet: a stop then means leave at once.
+        signal.signal(signal.SIGTERM, _stop_before_start)
         from tprun.runner.job import run_job  # on the cluster: submitting needs no engine
 
         rc = run_job(self.spec, overwrite=False, quiet=True)
@@ -74,9 +78,19 @@ class TprunTask(submitit.helpers.Checkpointable):
         raise TprunTaskError(_failure_message(env, rc, restarts))
 
 
+def _stop_before_start(signum: int, frame: object) -> None:
+    print(f"tprun: {signal.Signals(signum).name} before the job started; exiting", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_REQUEUE)
+
+
 def _requeue(job_id: str) -> None:
-    # Fails harmlessly when the stop came from scancel (the job is already ending) or from Slurm's own
-    # preemption (Slurm requeues it itself).
+    # Only a job Slurm still runs: after scancel (COMPLETING) the stop was a cancel, which must win, and
+    # a job Slurm preempts (PreemptMode=REQUEUE) is requeued by Slurm itself.
+    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False, capture_output=True,
+                           text=True, timeout=SLURM_CMD_TIMEOUT_S).stdout.strip()
+    if state != "RUNNING":
+        print(f"tprun: job {job_id} is {state or 'gone'}, not requeueing it", file=sys.stderr, flush=True)
+        return
     result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
                             timeout=SLURM_CMD_TIMEOUT_S)
     if result.returncode:
