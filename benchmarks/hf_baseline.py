@@ -67,7 +67,7 @@ def hf_generate(model, requests: list[Request], batch_size: int, device: str,
             mask[row, width - len(r.prompt_token_ids):] = 1
         new = max(r.max_tokens for r in batch)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=pad_token_id)
+                             do_sample=False, pad_token_id=pad_token_id)
         gen = out[:, width:].tolist()
         generated += len(batch) * new
         outputs += [g[: r.max_tokens] for g, r in zip(gen, batch, strict=True)]

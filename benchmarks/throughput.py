@@ -91,6 +91,12 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     # Warm-up: kernel compilation for the shapes prefill and decode meet, outside the timed run.
     llm.generate(prompts[:8], [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * 8)
+    # Prefill alone (one token each), to split the timed run into its prefill and decode parts.
+    sync(args.device)
+    t0 = time.perf_counter()
+    llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)] * len(prompts))
+    sync(args.device)
+    prefill_s = time.perf_counter() - t0
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(args.device)
@@ -102,7 +108,7 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
              if len(o.outputs[0].token_ids) != r.max_tokens]
     if short:
         raise RuntimeError(f"tprun returned the wrong number of tokens (index, got, asked): {short[:5]}")
-    result = {"seconds": seconds, "init_seconds": init_s, "kv_blocks": llm.llm_engine.num_blocks,
+    result = {"seconds": seconds, "prefill_seconds": prefill_s, "init_seconds": init_s, "kv_blocks": llm.llm_engine.num_blocks,
               "block_size": llm.config.block_size,
               "preemptions": llm.llm_engine.scheduler.num_preemptions}
     if args.device == "cuda":
@@ -110,7 +116,7 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
     if args.batch1_tokens:
         result["batch1_ms_per_token"] = batch1_latency(llm, requests[0], args.batch1_tokens, args.device)
     if args.profile:
-        profile_decode(llm, prompts[:64], args.device)
+        profile_decode(llm, prompts, args.device)
     llm.shutdown()
     del llm
     gc.collect()
@@ -142,11 +148,18 @@ def profile_decode(llm, prompts: list[dict], device: str) -> None:
     from tprun import SamplingParams
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    sync(device)
+    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+        llm.generate(prompts, params)
         sync(device)
+    wall = time.perf_counter() - t0
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
+    events = prof.key_averages()
+    busy = sum(getattr(e, key) for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
+    print(f"profile: {len(prompts)} requests x 64 tokens, wall {wall:.2f} s, GPU kernels {busy:.2f} s", flush=True)
+    print(events.table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
 
 
 def run_hf(args, model_dir: Path, requests: list[Request]) -> dict:

@@ -38,13 +38,14 @@ def hf_greedy_gpu(model_dir: str, prompts: list[list[int]], max_new_tokens: int)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).cuda()
+    # ignore_eos on both sides: no EOS stop (min_new_tokens would instead forbid EOS, changing the argmax).
+    model.generation_config.eos_token_id = None
     outs = []
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p], device="cuda")
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 min_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id)
+                                 do_sample=False, pad_token_id=0)
             outs.append(gen[0, len(p):].tolist())
     del model
     return outs
@@ -104,7 +105,7 @@ def test_seeded_sampling_on_gpu_repeats_and_mixes_with_greedy(demo_models):
 # ------------------------------------------------------------------------------ bf16, bench shapes
 def runner_logits(model_dir: Path, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
     """tprun's next-token logits: the prefill's last position, then one per teacher-forced decode step
-    (replayed from CUDA graphs: 3 sequences pad to the captured size 4). Each [num_seqs, vocab]."""
+    (replayed from CUDA graphs: 3 sequences pad to the captured size 8). Each [num_seqs, vocab]."""
     from tprun.worker.model_runner import ModelRunner
     from tprun.worker.parallel import TPGroup
     from tprun.worker.step import SamplingOptions, SeqStep, StepInput
