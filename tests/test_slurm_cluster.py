@@ -170,6 +170,22 @@ def test_submit_handle_status_and_cancel_of_a_running_job(demo):
     assert not (demo["tmp"] / "cancel-out" / "_SUCCESS").exists()
 
 
+def test_a_failing_job_reports_failed_with_every_ranks_error(demo):
+    from tprun.submit import submit
+
+    spec = JobSpec.from_yaml(EXAMPLE).model_copy(update={
+        "model": str(demo["tmp"] / "no-such-model"), "input": str(ROOT / "examples" / "prompts.jsonl"),
+        "output": str(demo["tmp"] / "failed-out"),
+    })
+    handle = submit(spec, backend="slurm", folder=demo["tmp"] / "failed-logs")
+    assert handle.wait(timeout=JOB_TIMEOUT_S, poll_s=1) == "FAILED"
+    logs = handle.logs()
+    for rank in (0, 1):
+        assert f"TprunTaskError: tprun rank {rank} (job {handle.job_id}) exited with 2" in logs
+        assert f"===== rank {rank} stderr =====" in logs
+    assert "no-such-model" in logs  # the runner's own message, carried into the error
+
+
 def test_hostlist_expands_like_this_clusters_scontrol():
     for expr in ("slurm-node[01-02]", "gpu-[007-009,012],cpu1", "rack[1-2]-n[01-02]", "n[098-101]"):
         assert expand_hostlist(expr) == run(["scontrol", "show", "hostnames", expr]).stdout.split()

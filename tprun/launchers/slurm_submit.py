@@ -23,7 +23,14 @@ from pathlib import Path
 from tprun.config import JobSpec
 from tprun.launchers.handle import JobHandle, JobState
 from tprun.launchers.slurm_render import THREADS, sbatch_options
-from tprun.runner.exit_codes import EXIT_OK, EXIT_REQUEUE
+from tprun.runner.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_JOB_ERROR,
+    EXIT_OK,
+    EXIT_PEER_FAILED,
+    EXIT_REQUEUE,
+)
 
 try:
     import submitit
@@ -100,7 +107,13 @@ def _requeue(job_id: str) -> None:
 
 
 def _failure_message(env, rc: int, restarts: int) -> str:
-    why = {EXIT_REQUEUE: f"stopped for preemption, but the job was requeued {restarts} times already"}
+    why = {
+        EXIT_FAILED: "this rank failed",
+        EXIT_JOB_ERROR: "the job cannot run as specified; fix it rather than retry",
+        EXIT_BAD_INPUT: "the input has bad lines (OUTPUT/errors.jsonl) and on_bad_input is fail",
+        EXIT_PEER_FAILED: "another rank failed or hung; its own error says why",
+        EXIT_REQUEUE: f"stopped for preemption, but the job was requeued {restarts} times already",
+    }
     msg = f"tprun rank {env.global_rank} (job {env.job_id}) exited with {rc}"
     msg += f": {why[rc]}" if rc in why else " (see tprun/runner/exit_codes.py)"
     try:
