@@ -144,7 +144,9 @@ class Ranks:
         return "\n".join(f"--- rank {r} ---\n{self.logs[r].read_text(errors='replace')}" for r in ranks)
 
 
-def launch_ranks(world: int, args: list[str], log_dir: Path, **env: str) -> Ranks:
+def launch_ranks(world: int, args: list[str], log_dir: Path, wrap: dict[int, list[str]] | None = None,
+                 **env: str) -> Ranks:
+    """wrap: a command prefix per rank (e.g. `unshare -m ...` to give one rank its own view of a path)."""
     port = free_port()
     procs, logs = [], []
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,10 +155,17 @@ def launch_ranks(world: int, args: list[str], log_dir: Path, **env: str) -> Rank
         rank_env = base_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
         with open(log, "wb") as f:
-            procs.append(subprocess.Popen([sys.executable, "-m", "tprun", "run", *args], env=rank_env, cwd=ROOT,
-                                          stdout=f, stderr=subprocess.STDOUT))
+            cmd = [*(wrap or {}).get(r, []), sys.executable, "-m", "tprun", "run", *args]
+            procs.append(subprocess.Popen(cmd, env=rank_env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
         logs.append(log)
     return Ranks(procs, logs)
+
+
+def private_dir(path: Path, fill_from: Path | None = None) -> list[str]:
+    """A `wrap` prefix: the rank sees an empty tmpfs at `path` (a node without the shared filesystem),
+    holding a copy of `fill_from`'s files if given."""
+    script = 'mount -t tmpfs tprun-test "$0" && { [ -z "$1" ] || cp -r "$1"/. "$0"; } && shift && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, str(path), str(fill_from or "")]
 
 
 def wait_for(predicate, timeout: float, what: str, ranks: Ranks | None = None) -> None:

@@ -18,6 +18,7 @@ from tests.runner_harness import (
     ROOT,
     base_env,
     launch_ranks,
+    private_dir,
     read_jsonl,
     run_args,
     run_cli,
@@ -289,3 +290,32 @@ def test_job_error_stops_each_rank_without_waiting_for_the_others(demo_model, tm
     assert ranks.codes[1] == EXIT_JOB_ERROR
     assert time.monotonic() - t0 < 30
     assert "missing.jsonl does not exist" in ranks.output(1)
+
+
+def _can_unshare() -> bool:
+    r = subprocess.run(["unshare", "--mount", "true"], check=False, capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs a private mount namespace (unshare --mount, root)")
+@pytest.mark.parametrize("blind", ["input", "output"])
+def test_ranks_that_do_not_share_files_fail_together(demo_model, tmp_path, blind):
+    """Rank 1 runs as if on another node without the shared filesystem: it sees other input bytes, or an
+    output directory that is not rank 0's. Every rank stops with the same clear error."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    inp = write_jsonl(shared / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    other = tmp_path / "other"
+    other.mkdir()
+    write_jsonl(other / "in.jsonl", [{"prompt": "a"}, {"prompt": "c"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    wrap = {1: private_dir(shared, fill_from=other) if blind == "input" else private_dir(out)}
+    ranks = launch_ranks(2, run_args(demo_model, inp, out, "--tp", "2"), tmp_path / "logs", wrap=wrap)
+    ranks.wait(timeout=120)
+    assert ranks.codes == [EXIT_JOB_ERROR, EXIT_JOB_ERROR], ranks.output()
+    for r in range(2):
+        text = ranks.output(r)
+        assert "rank(s) [1] (on" in text
+        assert ("read a different input, model or spec than rank 0" in text if blind == "input"
+                else "--output must be a directory shared by all nodes" in text), text

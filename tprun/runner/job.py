@@ -133,10 +133,6 @@ def _preflight(spec: JobSpec, overwrite: bool) -> _Plan | int:
 
 def _run(plan: _Plan, quiet: bool) -> int:
     spec, log = plan.spec, plan.log
-    if plan.rank == 0:
-        # Before the rendezvous: no other rank writes into OUT until the all_gather below, which needs rank 0.
-        manifest.prepare(plan.out, plan.identity, plan.state)
-        parts.remove_stale_temporaries(plan.out)
     from tprun.engine.llm import LLM
 
     try:
@@ -155,14 +151,13 @@ def _run(plan: _Plan, quiet: bool) -> int:
 
 
 def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
-
     from tprun.runner.chunks import ChunkClaimer
     from tprun.runner.signals import StopFlag
     from tprun.runner.watchdog import Watchdog
 
     ctx, log = llm.dist, plan.log
     try:
-        _check_same_job(plan, ctx)
+        _agree_on_job(plan, ctx)
     except JobError as e:
         log(f"error: {e}")
         return EXIT_JOB_ERROR
@@ -193,7 +188,6 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
             ctx.store.set(keys.group_result(ctx.dp_rank), json.dumps(group))
         if ctx.rank == 0:
             code = _finish(plan, ctx, watchdog, progress, time.monotonic() - t0)
-            progress = None
             ctx.store.set(keys.FINAL, str(code))
         else:
             code = _await(ctx.store, keys.FINAL, watchdog)
@@ -214,24 +208,42 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
     return code
 
 
-def _check_same_job(plan: _Plan, ctx: Any) -> None:
-    """Every rank must have read the same input, model and spec, and see the same OUT."""
+def _agree_on_job(plan: _Plan, ctx: Any) -> None:
+    """Every rank must have read the same input, model and spec, and see rank 0's OUT; then rank 0 sets
+    OUT up for this job. Collectives, so every rank reaches the same verdict and none waits for another.
+
+    Nothing is written into OUT before this point: every rank's local checks read the same OUT.
+    """
     import torch.distributed as dist
 
-    mine = (manifest.fingerprint(plan.identity), socket.gethostname())
-    views: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(views, mine, group=ctx.world_cpu_group)
+    def gather(mine: Any) -> list[Any]:
+        views: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(views, mine, group=ctx.world_cpu_group)
+        return views
+
+    views = gather((manifest.fingerprint(plan.identity), socket.gethostname()))
     odd = [r for r, (fp, _) in enumerate(views) if fp != views[0][0]]
     if odd:
         raise JobError(
             f"rank(s) {odd} (on {sorted({views[r][1] for r in odd})}) read a different input, model or spec "
             f"than rank 0 (on {views[0][1]}); every rank needs the same files, e.g. on a shared filesystem"
         )
-    # Rank 0 wrote the manifest before the all_gather; a leader that cannot see it writes elsewhere.
-    if ctx.is_tp_leader and manifest.load(plan.out) is None:
+    problem = None
+    if ctx.rank == 0:
+        try:
+            manifest.prepare(plan.out, plan.identity, plan.state)
+            parts.remove_stale_temporaries(plan.out)
+        except OSError as e:
+            problem = f"rank 0 cannot set up {plan.out}: {e}"
+    problem = gather(problem)[0]  # also the barrier behind rank 0's writes
+    if problem:
+        raise JobError(problem)
+    seen = gather(manifest.load(plan.out) is not None)
+    blind = [r for r, sees in enumerate(seen) if not sees]
+    if blind:
         raise JobError(
-            f"{plan.out} on {socket.gethostname()} does not show the manifest rank 0 wrote on {views[0][1]}; "
-            "--output must be a directory shared by all nodes"
+            f"rank(s) {blind} (on {sorted({views[r][1] for r in blind})}) do not see the manifest rank 0 wrote "
+            f"into {plan.out} on {views[0][1]}; --output must be a directory shared by all nodes"
         )
 
 

@@ -81,13 +81,16 @@ class Progress:
                 last_line = time.monotonic()
 
     def close(self) -> None:
+        """Idempotent: the job closes the bar before its summary and again on the way out."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            self._thread = None
         if self._bar is not None:
             with contextlib.suppress(RuntimeError, OSError):
                 self._bar.n = self.already_done + self.store.add(keys.RECORDS_DONE, 0)
             self._bar.close()
+            self._bar = None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
