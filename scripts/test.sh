@@ -10,5 +10,7 @@ if [ "$(id -u)" = 0 ] && [ -z "${TPRUN_NO_SLURM:-}" ]; then
   bash scripts/slurm-up.sh && slurm_up=1
 fi
 trap '[ $slurm_up = 1 ] && bash scripts/slurm-down.sh || true' EXIT
-ruff check tprun tests benchmarks
-python -m pytest -q -ra "$@"
+status=0
+python -m pytest -q -ra "$@" || status=$?
+ruff check tprun tests benchmarks || status=$((status ? status : 1))
+exit $status
