@@ -39,6 +39,7 @@ from tprun.runner.progress import Progress, format_summary
 HEARTBEAT_S = float(os.environ.get("TPRUN_HEARTBEAT_S", "2"))
 HEARTBEAT_TIMEOUT_S = float(os.environ.get("TPRUN_HEARTBEAT_TIMEOUT_S", "30"))
 POLL_S = 0.2
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 class _Log:
@@ -144,10 +145,27 @@ def _run(plan: _Plan, quiet: bool) -> int:
     except Exception as e:  # noqa: BLE001 - any engine start failure becomes an exit code, not a traceback
         log(f"error: the engine failed to start: {type(e).__name__}: {e}")
         return EXIT_FAILED
+    code = EXIT_FAILED
     try:
-        return _run_engine(plan, llm, quiet)
+        code = _run_engine(plan, llm, quiet)
+        return code
     finally:
+        _shutdown(llm, code)
+
+
+def _shutdown(llm: Any, code: int) -> None:
+    """Tear the engine down, bounded: after a peer died mid-collective, destroying the process group
+    could block (NCCL) forever; then leave with the exit code already decided."""
+    import threading
+
+    timer = threading.Timer(SHUTDOWN_TIMEOUT_S, _hard_exit, args=(code, "the engine did not shut down within "
+                                                                  f"{SHUTDOWN_TIMEOUT_S:.0f} s"))
+    timer.daemon = True
+    timer.start()
+    try:
         llm.shutdown()
+    finally:
+        timer.cancel()
 
 
 def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
@@ -197,12 +215,10 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
         if progress is not None:
             progress.close()
     watchdog.stop()
-    if failed and ctx.world_size > 1:
-        # Peers are gone or going, and the process group may be broken mid-collective: a normal
-        # interpreter teardown can then abort inside gloo's threads and lose the exit code.
-        _hard_exit(code, ctx.rank, watchdog)
     if not failed:
         _leave(ctx)
+    elif ctx.rank == 0 and ctx.world_size > 1:
+        time.sleep(watchdog.linger_s)  # rank 0 hosts the store: let the others read why before it goes
     # Only now: a stop signal that lands after the verdict must not kill the process with it unreported.
     stop.restore()
     return code
@@ -364,11 +380,9 @@ def _is_collective_error(e: Exception) -> bool:
     return isinstance(e, dist.DistError) or "gloo" in text or "nccl" in text or "connection reset" in text
 
 
-def _hard_exit(code: int, rank: int, watchdog: Any) -> None:
-    if rank == 0:
-        time.sleep(watchdog.linger_s)  # rank 0 hosts the store: let the others read why
+def _hard_exit(code: int, why: str) -> None:
+    print(f"tprun: {why}; exiting with {code}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(code)
 
 
