@@ -34,6 +34,8 @@ if [ -f "$ROOT/cluster.env" ] && healthy; then
   exit 0
 fi
 "$HERE/slurm-down.sh" >/dev/null 2>&1 || true
+# A half-started cluster is worse than none: on failure (the logs are printed first), undo it all.
+trap 'rc=$?; [ $rc = 0 ] || { echo "slurm-up: failed; undoing" >&2; "$HERE/slurm-down.sh" >/dev/null 2>&1; }' EXIT
 
 # --- packages ---------------------------------------------------------------------------------------
 need=()

@@ -186,6 +186,21 @@ def test_a_failing_job_reports_failed_with_every_ranks_error(demo):
     assert "no-such-model" in logs  # the runner's own message, carried into the error
 
 
+def test_slurm_accepts_a_rendered_gpu_job(tmp_path):
+    from tprun.launchers.slurm_render import render_sbatch
+
+    # The cluster's nodes have fake GPUs (gres on character devices), so --gpus-per-node is real here.
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["parallel"]["data_parallel_size"] = 2  # TP=2 x DP=2: two GPU processes on each of two nodes
+    data["resources"].update(gpus_per_node=2, procs_per_node=2)
+    script = tmp_path / "gpu.sbatch"
+    script.write_text(render_sbatch(JobSpec.model_validate(data), "job.yaml"))
+    assert "#SBATCH --gpus-per-node=2" in script.read_text()
+    proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+
+
 def test_hostlist_expands_like_this_clusters_scontrol():
     for expr in ("slurm-node[01-02]", "gpu-[007-009,012],cpu1", "rack[1-2]-n[01-02]", "n[098-101]"):
         assert expand_hostlist(expr) == run(["scontrol", "show", "hostnames", expr]).stdout.split()
