@@ -161,6 +161,37 @@ def launch_ranks(world: int, args: list[str], log_dir: Path, wrap: dict[int, lis
     return Ranks(procs, logs)
 
 
+def start_torchrun(nproc: int, args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "tprun", "run", *args]
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, env=base_env(**env), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+
+
+def worker_pids(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of the workers a torchrun agent started (its children, by their RANK variable)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for var in env:
+            if var.startswith(b"RANK="):
+                found[int(var[5:])] = int(stat.parent.name)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def private_dir(path: Path, fill_from: Path | None = None) -> list[str]:
     """A `wrap` prefix: the rank sees an empty tmpfs at `path` (a node without the shared filesystem),
     holding a copy of `fill_from`'s files if given."""

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 from collections import Counter
 
 import pytest
 
-from tests.runner_harness import done_chunks, launch_ranks, run_torchrun, wait_for
+from tests.runner_harness import (
+    alive,
+    done_chunks,
+    launch_ranks,
+    run_torchrun,
+    start_torchrun,
+    wait_for,
+    worker_pids,
+)
 from tprun.runner.exit_codes import EXIT_OK, EXIT_PEER_FAILED
 
 pytestmark = pytest.mark.slow
@@ -36,6 +46,33 @@ def test_dp2_results_equal_single_process(reference_job, tmp_path):
     r = run_torchrun(2, reference_job.args(out, "--dp", "2", "--chunk-size", "5"))
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     assert (out / "results.jsonl").read_text() == reference_job.results
+
+
+def test_kill9_of_one_torchrun_worker_ends_every_rank_within_60s_and_rerun_matches(reference_job, tmp_path):
+    out = tmp_path / "out"
+    args = reference_job.args(out, "--tp", "2", "--dp", "2", "--chunk-size", "2")
+    agent = start_torchrun(4, args, tmp_path / "torchrun.log")
+    try:
+        wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks")
+        workers = worker_pids(agent.pid)
+        assert sorted(workers) == [0, 1, 2, 3]
+        os.kill(workers[3], 9)
+        t0 = time.monotonic()
+        agent.wait(timeout=90)
+        while any(alive(pid) for pid in workers.values()):
+            assert time.monotonic() - t0 < 60, "a worker outlived the job by 60 s"
+            time.sleep(0.1)
+        assert time.monotonic() - t0 < 60
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0
+    assert len(done_chunks(out)) < 20 and not (out / "results.jsonl").exists()
+
+    r = run_torchrun(4, args)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert (out / "results.jsonl").read_text() == reference_job.results
+    assert_each_id_once(reference_job.results, 40)
 
 
 @pytest.mark.parametrize("victim", [3, 0], ids=["rank3", "rank0-store-host"])
