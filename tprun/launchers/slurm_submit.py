@@ -8,7 +8,9 @@ Preemption and time limits: submitit asks for its signal (USR2 unless SUBMITIT_P
 otherwise) spec.slurm.signal's seconds before the end. tprun stops claiming chunks, finishes the one in
 flight and returns 75; rank 0 then requeues the job, which restarts with the same id and folder and
 resumes, skipping finished chunks. If the signal comes while tprun's own handlers are not installed,
-submitit's handler checkpoints the same call (`TprunTask.checkpoint`) and requeues it itself.
+submitit's handler checkpoints the same call (Checkpointable's default) and requeues it itself.
+A cancel wins: scancel's SIGTERM also makes tprun exit 75, but a job that is no longer RUNNING is not
+requeued (nor one Slurm preempts and requeues on its own).
 """
 
 from __future__ import annotations
@@ -150,7 +152,6 @@ def executor_parameters(spec: JobSpec) -> dict:
         "signal_delay_s": slurm.signal_seconds,
         "setup": [*THREADS, *slurm.setup],
         "srun_args": [f"--cpus-per-task={res.cpus_per_proc}", *slurm.srun_args],
-        "stderr_to_stdout": False,
     }
     if res.gpus_per_node > 0:
         params["gpus_per_node"] = res.gpus_per_node
@@ -175,6 +176,9 @@ def _python(spec: JobSpec) -> str:
 
 
 class SlurmJob(JobHandle):
+    """`job` is submitit's Job (per-rank results: `job.results()`). The state comes from sacct, so
+    Slurm accounting must be on, as submitit itself needs."""
+
     def __init__(self, job, requeue: bool = True) -> None:
         self.job = job
         self.job_id = str(job.job_id)
@@ -209,8 +213,3 @@ class SlurmJob(JobHandle):
                 if text:
                     parts.append(f"===== rank {rank} {name} =====\n{text}")
         return "\n".join(parts)
-
-    @property
-    def paths(self):
-        """submitit's files for rank 0 (pickles, logs), e.g. for `job.paths.folder`."""
-        return self.job.paths
