@@ -301,7 +301,12 @@ def _result(record: Record, out: Any) -> dict[str, Any]:
 
 
 def _finish(plan: _Plan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
-    """Rank 0: wait for every group, then merge (all chunks done) or ask for a requeue (stopped)."""
+    """Rank 0: wait for every group, then merge (all chunks done) or ask for a requeue (stopped).
+
+    A stop signal that lands here needs no relaying: a group leaves its loop only when every chunk is
+    handed out or the job is already stopping, so what is still running are in-flight chunks, which a
+    stop would let finish anyway.
+    """
     groups = [json.loads(_await(ctx.store, keys.group_result(g), watchdog, raw=True))
               for g in range(ctx.dp_size)]
     if progress is not None:
@@ -309,7 +314,8 @@ def _finish(plan: _Plan, ctx: Any, watchdog: Any, progress: Progress | None, ela
     stopped = [g for g in groups if g["stopped"]]
     missing = [k for k in range(plan.index.num_chunks) if not parts.is_done(plan.out, k)]
     if missing and stopped:
-        plan.log(f"stopped ({stopped[0]['stopped']}) with {len(missing)} of {plan.index.num_chunks} chunks "
+        why = ctx.store.get(keys.STOP).decode() if ctx.store.check([keys.STOP]) else stopped[0]["stopped"]
+        plan.log(f"stopped ({why}) with {len(missing)} of {plan.index.num_chunks} chunks "
                  f"left; exiting with {EXIT_REQUEUE} so the job is requeued; rerun to resume")
         return EXIT_REQUEUE
     if missing:
