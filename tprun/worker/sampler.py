@@ -34,11 +34,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[int]:
         """logits: [len(seqs), vocab], identical on every rank of the TP group."""
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        out = logits.argmax(dim=-1)
+        out = logits.argmax(dim=-1)  # exact in any dtype: the float32 upcast is only for sampling
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         if not rows:
             return out.tolist()
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         params = [seqs[i].sampling for i in rows]
         picked = logits[self._to_device(rows, torch.long)]
         picked = picked / self._to_device([p.temperature for p in params], logits.dtype)[:, None]

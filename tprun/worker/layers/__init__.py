@@ -9,7 +9,7 @@ from tprun.worker.layers.linear import (
     RowParallelLinear,
 )
 from tprun.worker.layers.norm import RMSNorm
-from tprun.worker.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from tprun.worker.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_qk, rope_parameters
 
 __all__ = [
     "Attention",
@@ -22,5 +22,6 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "apply_rotary",
+    "apply_rotary_qk",
     "rope_parameters",
 ]

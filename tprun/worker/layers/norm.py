@@ -15,6 +15,11 @@ class RMSNorm(nn.Module):
         self.weight = new_param(hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one fused Triton kernel, same rounding (tprun/worker/layers/fused_cuda.py)
+            from tprun.worker.layers import fused_cuda
+
+            if fused_cuda.fused_ok(x):
+                return fused_cuda.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 and scale in the input dtype, in that order, exactly as transformers does.
         input_dtype = x.dtype
         h = x.to(torch.float32)

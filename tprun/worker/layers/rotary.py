@@ -83,3 +83,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary on q and k; on CUDA one fused Triton kernel for both (tprun/worker/layers/fused_cuda.py)."""
+    if q.is_cuda:
+        from tprun.worker.layers import fused_cuda
+
+        if fused_cuda.fused_ok(q):
+            return fused_cuda.rotary_qk(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -24,7 +24,7 @@ from tprun.worker.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    apply_rotary,
+    apply_rotary_qk,
     rope_parameters,
 )
 from tprun.worker.loader import load_weights
@@ -80,7 +80,7 @@ class LlamaAttention(nn.Module):
         v = v.view(x.shape[0], -1, self.head_dim)
         if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -95,7 +95,13 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias, tp, "intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:  # one fused Triton kernel (tprun/worker/layers/fused_cuda.py)
+            from tprun.worker.layers import fused_cuda
+
+            if fused_cuda.fused_ok(gate_up):
+                return self.down_proj(fused_cuda.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
