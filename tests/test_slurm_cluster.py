@@ -108,14 +108,16 @@ def test_srun_tasks_see_their_slurm_ranks_on_two_hosts():
     assert [(t["launcher"], t["rank"], t["world_size"]) for t in tasks] == [("slurm", 0, 2), ("slurm", 1, 2)]
     assert tasks[0]["host"] != tasks[1]["host"]
     # every rank finds rank 0's host and the same port
-    assert {(t["master_addr"], t["master_port"]) for t in tasks} == {(tasks[0]["host"], tasks[0]["master_port"])}
+    rendezvous = {(t["master_addr"], t["master_port"]) for t in tasks}
+    assert rendezvous == {(tasks[0]["host"], tasks[0]["master_port"])}
 
 
 def test_sbatch_deploy_script_tp2_across_two_nodes_matches_torchrun(demo):
     out, log = demo["tmp"] / "sbatch-out", demo["tmp"] / "sbatch-%j.out"
     # Exactly what a user runs, from the repository root; the flags after the script go to tprun run.
     job_id = run(["sbatch", "--parsable", f"--output={log}", "deploy/slurm.sbatch",
-                  "--model", str(demo["model"]), "--output", str(out)], cwd=ROOT, env=venv_env()).stdout.strip()
+                  "--model", str(demo["model"]), "--output", str(out)],
+                 cwd=ROOT, env=venv_env()).stdout.strip()
     log = Path(str(log).replace("%j", job_id))
     assert wait_job(job_id, log) == "COMPLETED", log.read_text()[-3000:]
     assert expand_hostlist(sacct(job_id, "NodeList")) == ["slurm-node01", "slurm-node02"]
@@ -146,7 +148,8 @@ def test_submit_handle_status_and_cancel_of_a_running_job(demo):
 
     # Long enough (many prompts, no early stop) to still be running when it is cancelled.
     prompts = demo["tmp"] / "many.jsonl"
-    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Story number {i}:"}) + "\n" for i in range(64)))
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Story number {i}:"}) + "\n"
+                               for i in range(64)))
     spec = JobSpec.from_yaml(EXAMPLE).model_copy(update={
         "model": str(demo["model"]), "input": str(prompts), "output": str(demo["tmp"] / "cancel-out"),
         "sampling": SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), "chunk_size": 4,

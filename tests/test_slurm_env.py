@@ -99,7 +99,8 @@ def test_master_port_is_derived_from_the_job_and_step_id():
 
 
 def test_explicit_master_port_and_addr_win_over_derived_ones():
-    env = {**snapshot("sbatch_2nodes_1task_per_node/rank1"), "MASTER_PORT": "23456", "MASTER_ADDR": "10.1.2.3"}
+    env = {**snapshot("sbatch_2nodes_1task_per_node/rank1"),
+           "MASTER_PORT": "23456", "MASTER_ADDR": "10.1.2.3"}
     args = distributed_args(env)
     assert (args.launcher, args.master_port, args.master_addr, args.rank) == ("slurm", 23456, "10.1.2.3", 1)
 

@@ -133,7 +133,8 @@ def test_script_requeues_a_stopped_job_up_to_max_requeues(tmp_path, srun_exit, r
            "JOB_STATE": state}
     script = tmp_path / "job.sbatch"
     script.write_text((ROOT / "deploy" / "slurm.sbatch").read_text())
-    rc = subprocess.run(["bash", str(script), "--output", "out/x"], check=False, env=env, timeout=30).returncode
+    rc = subprocess.run(["bash", str(script), "--output", "out/x"], check=False, env=env,
+                        timeout=30).returncode
     log = (tmp_path / "log").read_text().splitlines()
     assert log[0] == "srun --cpus-per-task=1 python3 -m tprun run examples/job.yaml --output out/x"
     assert (log[1:] == ["scontrol requeue 4242"]) is requeued

@@ -16,7 +16,9 @@ from tprun.launchers.lws import LWSLauncher
 from tprun.launchers.slurm import SlurmLauncher
 from tprun.launchers.torchrun import TorchrunLauncher
 
-LAUNCHERS: list[type[Launcher]] = [TorchrunLauncher, LWSLauncher, KubernetesLauncher, SlurmLauncher, LocalLauncher]
+LAUNCHERS: list[type[Launcher]] = [
+    TorchrunLauncher, LWSLauncher, KubernetesLauncher, SlurmLauncher, LocalLauncher,
+]
 
 
 def detect_launcher(environ: Mapping[str, str] | None = None) -> Launcher:

@@ -42,7 +42,8 @@ class SlurmLauncher(Launcher):
     }
     # First set variable wins: the step's view, then the job's.
     nodelist_vars: ClassVar[tuple[str, ...]] = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-    tasks_per_node_vars: ClassVar[tuple[str, ...]] = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+    tasks_per_node_vars: ClassVar[tuple[str, ...]] = (
+        "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
     step_id_vars: ClassVar[tuple[str, ...]] = ("SLURM_STEP_ID", "SLURM_STEPID")
 
     @classmethod

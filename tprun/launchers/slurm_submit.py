@@ -88,7 +88,8 @@ class TprunTask(submitit.helpers.Checkpointable):
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
-    print(f"tprun: {signal.Signals(signum).name} before the job started; exiting", file=sys.stderr, flush=True)
+    name = signal.Signals(signum).name
+    print(f"tprun: {name} before the job started; exiting", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_REQUEUE)
 
 
