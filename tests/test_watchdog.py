@@ -16,6 +16,8 @@ import pytest
 from tests.runner_harness import ROOT, base_env, free_port
 from tprun.runner.exit_codes import EXIT_PEER_FAILED
 
+pytestmark = pytest.mark.slow
+
 PERIOD_S, TIMEOUT_S = 0.2, 2.0
 
 

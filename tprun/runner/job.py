@@ -1,6 +1,6 @@
 """`tprun run`: a JSONL file in, OUT/results.jsonl out, for DP x TP jobs that survive.
 
-    preflight (every rank, local files only) -> engine (rendezvous) -> same-job check (one all_gather)
+    plan (every rank, local files only) -> engine (rendezvous) -> agree on the job, rank 0 sets OUT up
     -> claim chunk / generate / write part, until no chunk is left or a stop signal
     -> rank 0 merges when every group is done -> every rank exits with rank 0's verdict
 
@@ -15,23 +15,21 @@ import os
 import socket
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tprun.config import JobSpec
 from tprun.runner import keys, manifest, parts
 from tprun.runner.exit_codes import (
-    EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_JOB_ERROR,
     EXIT_OK,
     EXIT_PEER_FAILED,
     EXIT_REQUEUE,
 )
-from tprun.runner.inputs import InputIndex, Record, sampling_for, scan_input
-from tprun.runner.preflight import JobError, check_input, check_model, check_output, check_world
+from tprun.runner.failures import PeerFailed, explain_failure
+from tprun.runner.inputs import Record, sampling_for
+from tprun.runner.plan import JobPlan, plan_job
+from tprun.runner.preflight import JobError
 from tprun.runner.progress import Progress, format_summary
 
 # How often a rank proves it is alive, and how long a silent rank has before it is declared lost.
@@ -42,33 +40,10 @@ POLL_S = 0.2
 SHUTDOWN_TIMEOUT_S = 60.0
 
 
-class _Log:
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.prefix = "tprun: " if world_size == 1 else f"tprun[rank {rank}]: "
-
-    def __call__(self, msg: str) -> None:
-        print(self.prefix + msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class _Plan:
-    spec: JobSpec
-    out: Path
-    rank: int
-    world_size: int
-    vocab_size: int | None
-    index: InputIndex
-    identity: dict[str, Any]
-    state: manifest.State
-    log: _Log
-    job_seed: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
 def run_job(spec: JobSpec, *, overwrite: bool = False, quiet: bool = False) -> int:
     """Run one process's share of the job; returns the process exit code (see exit_codes.py)."""
     try:
-        plan = _preflight(spec, overwrite)
+        plan = plan_job(spec, overwrite)
     except JobError as e:
         print(f"tprun: error: {e}", file=sys.stderr, flush=True)
         return EXIT_JOB_ERROR
@@ -77,62 +52,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, quiet: bool = False) -> i
     return _run(plan, quiet)
 
 
-def _preflight(spec: JobSpec, overwrite: bool) -> _Plan | int:
-    """Everything that can be decided from local files, identically on every rank, before rendezvous."""
-    from pydantic import ValidationError
-
-    from tprun.launchers import LauncherError, detect_launcher
-
-    try:
-        dargs = detect_launcher().distributed_args()
-    except LauncherError as e:
-        raise JobError(str(e)) from None
-    check_world(spec, dargs.world_size, dargs.launcher)
-    log = _Log(dargs.rank, dargs.world_size)
-    try:
-        engine_config = spec.engine_config()
-    except ValidationError as e:
-        raise JobError(f"invalid engine settings: {e}") from None
-    check_input(spec.input)
-    model = check_model(spec.model)
-    check_output(spec.output)
-    out = Path(spec.output)
-    try:
-        index = scan_input(spec.input, spec.chunk_size, spec.sampling, model.vocab_size)
-    except OSError as e:
-        raise JobError(f"cannot read input {spec.input}: {e.strerror}") from None
-    identity = manifest.job_identity(spec, index.sha256, index.num_lines, model.identity)
-    state = manifest.check(out, identity, overwrite)
-    if state == "complete":
-        if dargs.rank == 0:
-            log(f"{out} already holds this job's complete results ({out / parts.SUCCESS} exists); "
-                "nothing to do")
-        return EXIT_OK
-
-    if index.errors:
-        shown = "\n  ".join(str(e) for e in index.errors[:5])
-        more = f"\n  ... and {len(index.errors) - 5} more" if len(index.errors) > 5 else ""
-        if spec.on_bad_input == "fail" or index.num_records == 0:
-            if dargs.rank == 0:
-                parts.write_errors(out, [e.as_json() for e in index.errors])
-            why = ("--on-bad-input fail" if index.num_records
-                   else f"none of the {index.num_lines} lines is a valid record")
-            log(f"error: {len(index.errors)} bad input line(s) in {spec.input} ({why}); all listed in "
-                f"{out / parts.ERRORS}:\n  {shown}{more}")
-            return EXIT_BAD_INPUT
-        if dargs.rank == 0:
-            log(f"skipping {len(index.errors)} bad input line(s) (listed in {out / parts.ERRORS} at the end):"
-                f"\n  {shown}{more}")
-    elif index.num_records == 0:
-        log(f"error: input {spec.input} has no records")
-        return EXIT_BAD_INPUT
-
-    return _Plan(spec=spec, out=out, rank=dargs.rank, world_size=dargs.world_size,
-                 vocab_size=model.vocab_size, index=index, identity=identity, state=state, log=log,
-                 job_seed=engine_config.seed)
-
-
-def _run(plan: _Plan, quiet: bool) -> int:
+def _run(plan: JobPlan, quiet: bool) -> int:
     spec, log = plan.spec, plan.log
     from tprun.engine.llm import LLM
 
@@ -168,7 +88,7 @@ def _shutdown(llm: Any, code: int) -> None:
         timer.cancel()
 
 
-def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
+def _run_engine(plan: JobPlan, llm: Any, quiet: bool) -> int:
     from tprun.runner.chunks import ChunkClaimer
     from tprun.runner.signals import StopFlag
     from tprun.runner.watchdog import Watchdog
@@ -210,7 +130,7 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
         else:
             code = _await(ctx.store, keys.FINAL, watchdog)
     except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it and stop
-        code, failed = _failed(e, plan, ctx, watchdog), True
+        code, failed = explain_failure(e, ctx, watchdog, plan.log), True
     finally:
         if progress is not None:
             progress.close()
@@ -224,7 +144,7 @@ def _run_engine(plan: _Plan, llm: Any, quiet: bool) -> int:
     return code
 
 
-def _agree_on_job(plan: _Plan, ctx: Any) -> None:
+def _agree_on_job(plan: JobPlan, ctx: Any) -> None:
     """Every rank must have read the same input, model and spec, and see rank 0's OUT; then rank 0 sets
     OUT up for this job. Collectives, so every rank reaches the same verdict and none waits for another.
 
@@ -263,7 +183,7 @@ def _agree_on_job(plan: _Plan, ctx: Any) -> None:
         )
 
 
-def _work(plan: _Plan, llm: Any, claimer: Any) -> dict[str, Any]:
+def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
     """This TP group's loop; returns its stats for this run."""
     ctx, spec = llm.dist, plan.spec
     stats = {"group": ctx.dp_rank, "ranks": ctx.tp_group_ranks, "chunks": 0, "records": 0, "tokens": 0,
@@ -300,7 +220,7 @@ def _result(record: Record, out: Any) -> dict[str, Any]:
     return res
 
 
-def _finish(plan: _Plan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
+def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
     """Rank 0: wait for every group, then merge (all chunks done) or ask for a requeue (stopped).
 
     A stop signal that lands here needs no relaying: a group leaves its loop only when every chunk is
@@ -345,45 +265,10 @@ def _await(store: Any, key: str, watchdog: Any, raw: bool = False) -> Any:
     while not store.check([key]):
         reason = watchdog.aborted()
         if reason is not None:
-            raise _PeerFailed(reason)
+            raise PeerFailed(reason)
         time.sleep(POLL_S)
     value = store.get(key).decode()
     return value if raw else int(value)
-
-
-class _PeerFailed(Exception):
-    pass
-
-
-def _failed(e: Exception, plan: _Plan, ctx: Any, watchdog: Any) -> int:
-    """Name the cause (another rank or this one), tell every rank, pick the exit code."""
-    log = plan.log
-    reason = e.args[0] if isinstance(e, _PeerFailed) else watchdog.aborted()
-    if reason is None and _is_collective_error(e):
-        # A TP peer vanished mid-collective, or failed and wrote why: tell which.
-        lost = watchdog.find_lost([r for r in ctx.tp_group_ranks if r != ctx.rank])
-        first = str(e).splitlines()[0].split(" This is typically")[0]
-        if lost is None:
-            reason = f"rank {ctx.rank} lost the job's store (hosted by rank 0): rank 0 is probably gone ({first})"
-        elif lost:
-            reason = (f"{', '.join(watchdog.describe(r) for r in lost)} is gone (rank {ctx.rank} lost it in a "
-                      f"collective of TP group {ctx.dp_rank}: {first})")
-            watchdog.abort(reason)
-        else:
-            reason = watchdog.aborted()
-    if reason is not None:
-        log(f"stopping because {reason}; exiting with {EXIT_PEER_FAILED}")
-        return EXIT_PEER_FAILED
-    log(f"error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    watchdog.abort(f"rank {ctx.rank} failed: {type(e).__name__}: {e}")
-    return EXIT_FAILED
-
-
-def _is_collective_error(e: Exception) -> bool:
-    import torch.distributed as dist
-
-    text = str(e).lower()
-    return isinstance(e, dist.DistError) or "gloo" in text or "nccl" in text or "connection reset" in text
 
 
 def _hard_exit(code: int, why: str) -> None:
