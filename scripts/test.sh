@@ -7,7 +7,14 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 slurm_up=0
 if [ "$(id -u)" = 0 ] && [ -z "${TPRUN_NO_SLURM:-}" ]; then
-  bash scripts/slurm-up.sh && slurm_up=1
+  if bash scripts/slurm-up.sh; then
+    slurm_up=1
+  elif [ -n "${TPRUN_REQUIRE_SLURM:-}" ]; then
+    echo "test.sh: the Slurm cluster did not start and TPRUN_REQUIRE_SLURM is set" >&2
+    exit 1
+  else
+    echo "test.sh: the Slurm cluster did not start; its tests will skip" >&2
+  fi
 fi
 trap '[ $slurm_up = 1 ] && bash scripts/slurm-down.sh || true' EXIT
 status=0
