@@ -111,7 +111,7 @@ def _run_engine(plan: JobPlan, llm: Any, quiet: bool) -> int:
         done_before = sum(parts.read_done(plan.out, k)["records"] for k in range(plan.index.num_chunks)
                           if parts.is_done(plan.out, k))
         log(f"running {plan.index.num_records - done_before} of {plan.index.num_records} records "
-            f"({plan.index.num_chunks} chunks of {plan.spec.chunk_size} lines) on tp({ctx.tp_size}) x "
+            f"({plan.index.num_chunks} chunk(s) of {plan.spec.chunk_size} lines) on tp({ctx.tp_size}) x "
             f"dp({ctx.dp_size}); results in {plan.out}")
         progress = Progress(ctx.store, total=plan.index.num_records, already_done=done_before,
                             quiet=quiet).start()
