@@ -1,6 +1,10 @@
 """Names of the keys this runner keeps in the job's store (one place, so no two modules collide)."""
 
-PREFIX = "tprun/job/"
+import os
+
+# torchrun's agent hosts the store and keeps it across restart attempts (--max-restarts): an attempt
+# must not read the previous attempt's chunk counter or verdict.
+PREFIX = f"tprun/job/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
 NEXT_CHUNK = PREFIX + "next_chunk"  # counter: chunks handed out so far
 STOP = PREFIX + "stop"  # set by a group that got a stop signal: every group stops at its next boundary
 ABORT = PREFIX + "abort"  # set by a rank that failed or saw a peer die: the reason
