@@ -233,7 +233,10 @@ class LocalPods:
                     script.append(f"mount -o remount,bind,ro {target}")
         if "runAsUser" in sc:
             script += self._expose_interpreter(pod)
+        keep_before, keep_after = self._keep_under_tmpfs(pod, tmpfs)
+        script += keep_before
         script += [f"mount -t tmpfs -o mode=1777 tmpfs {t}" for t in tmpfs]
+        script += keep_after
         if sc.get("readOnlyRootFilesystem"):
             script.append("mount -o remount,bind,ro /")
         script.append(f"cd {self.container.get('workingDir', '/')}")
@@ -278,6 +281,24 @@ class LocalPods:
             for tree, stage in zip(trees, stages, strict=True):
                 script += [f"mkdir -p {tree}", f"mount --bind {stage} {tree}"]
         return script
+
+    def _keep_under_tmpfs(self, pod: Pod, tmpfs: list[str]) -> tuple[list[str], list[str]]:
+        """The image's Python and tprun stay visible when an emptyDir covers the directory they sit in
+        (a checkout or venv under /tmp, as CI may have): park them outside, bind them back on top."""
+        needed = {Path(os.path.realpath(sys.prefix)), Path(os.path.realpath(sys.base_prefix)),
+                  Path(__file__).resolve().parents[1]}
+        before: list[str] = []
+        after: list[str] = []
+        park = Path("/run/tprun-local-pods") / pod.hostname
+        for tree in sorted(needed):
+            if not any(tree.is_relative_to(t) for t in tmpfs) or any(
+                    tree != o and tree.is_relative_to(o) for o in needed):
+                continue
+            stage = park / f"keep-{len(before)}"
+            self._ensure_mountpoint(stage, is_file=False)
+            before.append(f"mount --bind {tree} {stage}")
+            after += [f"mkdir -p {tree}", f"mount --bind {stage} {tree}"]
+        return before, after
 
     def _ensure_mountpoint(self, target: Path, is_file: bool) -> None:
         missing = []
