@@ -161,8 +161,9 @@ def launch_ranks(world: int, args: list[str], log_dir: Path, wrap: dict[int, lis
     return Ranks(procs, logs)
 
 
-def start_torchrun(nproc: int, args: list[str], log: Path, **env: str) -> subprocess.Popen:
-    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+def start_torchrun(nproc: int, args: list[str], log: Path, torchrun_args: tuple[str, ...] = (),
+                   **env: str) -> subprocess.Popen:
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), *torchrun_args, "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "tprun", "run", *args]
     with open(log, "wb") as f:
         return subprocess.Popen(cmd, env=base_env(**env), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)

@@ -109,3 +109,23 @@ def test_dead_rank_of_another_dp_group_is_caught_by_heartbeats_within_60s(refere
     assert exit_after[0] < 60 and ranks.codes[0] == EXIT_PEER_FAILED, (exit_after, ranks.output())
     assert "rank 1 (" in ranks.output(0) and "stopped heartbeating" in ranks.output(0)
     assert not (out / "results.jsonl").exists()
+
+
+def test_torchrun_max_restarts_resumes_the_job_in_place_after_a_worker_dies(reference_job, tmp_path):
+    """torchrun's agent store outlives the attempt: the restarted ranks must not read the dead attempt's keys."""
+    out = tmp_path / "out"
+    args = reference_job.args(out, "--tp", "2", "--chunk-size", "2")
+    log = tmp_path / "torchrun.log"
+    agent = start_torchrun(2, args, log, torchrun_args=("--max-restarts", "1"))
+    try:
+        wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks")
+        assert len(done_chunks(out)) < 20, "the job finished before the kill; nothing was tested"
+        os.kill(worker_pids(agent.pid)[1], 9)
+        agent.wait(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == EXIT_OK, log.read_text()[-5000:]
+    results = (out / "results.jsonl").read_text()
+    assert results == reference_job.results
+    assert_each_id_once(results, 40)

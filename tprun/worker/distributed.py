@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -85,7 +86,10 @@ def _job_store(dargs, timeout: datetime.timedelta) -> dist.Store:
     if key not in _STORES:
         _STORES[key] = _make_store(dargs, timeout)
     _GENERATION[0] += 1
-    return dist.PrefixStore(f"tprun/{_GENERATION[0]}/", _STORES[key])
+    # torchrun's agent store outlives a restarted attempt: without the attempt number, attempt 1
+    # would read attempt 0's stale addresses.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"tprun/attempt-{attempt}/{_GENERATION[0]}/", _STORES[key])
 
 
 def _make_store(dargs, timeout: datetime.timedelta) -> dist.Store:
