@@ -24,8 +24,8 @@ if not torch.cuda.is_available() and not (INTERPRET and importlib.util.find_spec
         allow_module_level=True,
     )
 
-from tprun.worker.attention_metadata import AttentionMetadata
-from tprun.worker.layers import attention_cuda as ac
+from tprun.worker.attention_metadata import AttentionMetadata  # noqa: E402
+from tprun.worker.layers import attention_cuda as ac  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative L2 error allowed per dtype: bf16/fp16 operands (P is rounded to the input dtype before P@V, as
@@ -230,7 +230,7 @@ def test_prefill_then_decode_steps_follow_the_layer_contract(dtype):
         hi = [prompts[b] + step for b in range(3)]
         idx = torch.cat([torch.arange(starts[b] + lo[b], starts[b] + hi[b]) for b in range(3)]).to(DEVICE)
         q = torch.randn(len(idx), nh, hd, generator=gen).to(dtype).to(DEVICE)
-        q_lens = [h - l for l, h in zip(lo, hi)]
+        q_lens = [end - start for start, end in zip(lo, hi)]
         meta = AttentionMetadata(
             is_prefill=step == 0,
             cu_seqlens_q=torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32),

@@ -105,7 +105,7 @@ def test_seeded_sampling_on_gpu_repeats_and_mixes_with_greedy(demo_models):
 # ------------------------------------------------------------------------------ bf16, bench shapes
 def runner_logits(model_dir: Path, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
     """tprun's next-token logits: the prefill's last position, then one per teacher-forced decode step
-    (replayed from CUDA graphs: 3 sequences pad to the captured size 8). Each [num_seqs, vocab]."""
+    (replayed from CUDA graphs: 3 sequences pad to the captured size 4). Each [num_seqs, vocab]."""
     from tprun.worker.model_runner import ModelRunner
     from tprun.worker.parallel import TPGroup
     from tprun.worker.step import SamplingOptions, SeqStep, StepInput

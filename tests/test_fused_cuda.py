@@ -52,6 +52,16 @@ def test_rms_norm_matches_pytorch_on_rows_and_strided_head_views(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_returns_the_normed_sum_and_the_sum(dtype):
+    x = torch.randn(23, 1000, device=DEVICE).to(dtype)
+    residual = torch.randn(23, 1000, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(1000, device=DEVICE)).to(dtype)
+    out, summed = fused_cuda.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(summed, x + residual)
+    close(out, reference_rms_norm(x + residual, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rotary_qk_matches_apply_rotary_on_qkv_views(dtype):
     nh, nkv, hd, t = 12, 3, 64, 29  # head counts that are not powers of two (TP shards)
     qkv = torch.randn(t, (nh + 2 * nkv) * hd, device=DEVICE).to(dtype)

@@ -20,12 +20,8 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """Captured decode batch sizes: 8, then every 16 up to max_num_seqs (a step pads up to the next).
-
-    None below 8: on an H100, cuBLAS runs the llama3-8b projections at 1 row 1.4x slower than at 8 rows
-    (256 vs 181 us a layer, benchmarks/NOTES.md), and the padding rows cost no attention work.
-    """
-    sizes = [s for s in (8, *range(16, max_num_seqs, 16)) if s < max_num_seqs]
+    """Captured decode batch sizes: 1, 2, 4, 8, then every 16 (a step pads up to the next captured size)."""
+    sizes = [s for s in (1, 2, 4, 8, *range(16, max_num_seqs, 16)) if s < max_num_seqs]
     return [*sizes, max_num_seqs]
 
 

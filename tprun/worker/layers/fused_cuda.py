@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the CUDA path (Triton): RMSNorm, RoPE on q and k, SiLU-and-mul.
+"""Fused elementwise kernels for the CUDA path (Triton): (residual add +) RMSNorm, RoPE on q and k,
+SiLU-and-mul.
 
 In PyTorch each of these is 5-10 kernels (RMSNorm alone: to(float32), pow, mean, add, rsqrt, mul,
 to(dtype), mul), and at decode batch sizes every kernel is a few microseconds of launch-bound work: in a
@@ -54,6 +55,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(x.shape[0] * rows_per_t,)](x, weight, out, stride_t, stride_h, rows_per_t, n, eps,
                                                   BLOCK=block, num_warps=4 if block >= 2048 else 1)
     return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, R, W, Out, R_out, stride_x, stride_r, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    dt = Out.dtype.element_ty
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (x + r).to(dt)  # the residual stream, rounded as the PyTorch addition rounds it
+    tl.store(R_out + row * n + offs, s, mask=mask)
+    h = s.to(tl.float32)
+    y = (h * tl.rsqrt(tl.sum(h * h, axis=0) / n + eps)).to(dt)
+    w = tl.load(W + offs, mask=mask)
+    tl.store(Out + row * n + offs, (w.to(tl.float32) * y.to(tl.float32)).to(dt), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) for [T, n] rows, in one kernel."""
+    num_tokens, n = x.shape
+    assert x.stride(-1) == 1 and residual.stride(-1) == 1 and residual.shape == x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if num_tokens:
+        block = triton.next_power_of_2(n)
+        _add_rms_norm_kernel[(num_tokens,)](x, residual, weight, out, summed, x.stride(0), residual.stride(0), n,
+                                            eps, BLOCK=block, num_warps=4 if block >= 2048 else 1)
+    return out, summed
 
 
 # ---------------------------------------------------------------------------------------------- RoPE

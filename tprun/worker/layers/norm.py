@@ -14,12 +14,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = new_param(hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # one fused Triton kernel, same rounding (tprun/worker/layers/fused_cuda.py)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); with a residual, (RMSNorm(x + residual), x + residual): the residual stream's add
+        fused into the norm, as vLLM does. On CUDA one Triton kernel, same rounding (fused_cuda.py)."""
+        if x.is_cuda:
             from tprun.worker.layers import fused_cuda
 
             if fused_cuda.fused_ok(x):
-                return fused_cuda.rms_norm(x, self.weight, self.eps)
+                if residual is None:
+                    return fused_cuda.rms_norm(x, self.weight, self.eps)
+                return fused_cuda.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the input dtype, in that order, exactly as transformers does.
         input_dtype = x.dtype
         h = x.to(torch.float32)

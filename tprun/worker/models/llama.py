@@ -114,10 +114,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, tp)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the last block's output; residual: the stream it adds to (None at the first layer).
+
+        The same additions as `h = x + attn(norm(x)); h + mlp(norm(h))`, but each is done inside the
+        following norm (one fused kernel on CUDA)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -131,11 +140,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(head_dim(cfg), rope_parameters(cfg))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary_emb(positions, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, meta)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
