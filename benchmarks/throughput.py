@@ -56,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", help="write the result here (rank 0)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a decode-heavy run")
+    p.add_argument("--cprofile", action="store_true", help="print the host-side Python hot spots of that run")
     args = p.parse_args()
     defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -117,6 +118,8 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
         result["batch1_ms_per_token"] = batch1_latency(llm, requests[0], args.batch1_tokens, args.device)
     if args.profile:
         profile_decode(llm, prompts, args.device)
+    if args.cprofile:
+        cprofile_decode(llm, prompts)
     llm.shutdown()
     del llm
     gc.collect()
@@ -160,6 +163,20 @@ def profile_decode(llm, prompts: list[dict], device: str) -> None:
     busy = sum(getattr(e, key) for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
     print(f"profile: {len(prompts)} requests x 64 tokens, wall {wall:.2f} s, GPU kernels {busy:.2f} s", flush=True)
     print(events.table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
+
+
+def cprofile_decode(llm, prompts: list[dict]) -> None:
+    """Where the host's time goes (tottime of the final .tolist() is the wait for the GPU)."""
+    import cProfile
+    import pstats
+
+    from tprun import SamplingParams
+
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def run_hf(args, model_dir: Path, requests: list[Request]) -> dict:
