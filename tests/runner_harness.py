@@ -40,8 +40,10 @@ def job_rows(n: int) -> list[dict]:
 # Seeded sampling (not greedy) so that a record's tokens depend on its seed: only per-record seeds make
 # them independent of chunking and of the DP group that ran it. float64: TP changes only the order of
 # float64 partial sums, so results compare exactly.
+# A batch of 4 requests keeps only a couple of chunks in flight, so chunks finish one after another and
+# the tests can interrupt a job between them.
 SAMPLING = ("--dtype", "float64", "--temperature", "0.8", "--top-p", "0.9", "--max-tokens", "12", "--ignore-eos",
-            "--seed", "7")
+            "--seed", "7", "--engine", "max_num_seqs=4")
 
 
 @dataclass(frozen=True)

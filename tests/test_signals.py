@@ -51,7 +51,7 @@ def test_sigterm_stops_cleanly_for_requeue_and_rerun_completes(reference_job, tm
     exit_after = ranks.wait(timeout=120)
     assert ranks.codes == [EXIT_REQUEUE] * 4, (ranks.codes, ranks.output())
     assert max(exit_after) < 60
-    assert "SIGTERM: finishing the chunk in flight" in ranks.output(1)
+    assert "SIGTERM: finishing the chunk(s) in flight" in ranks.output(1)
     assert f"exiting with {EXIT_REQUEUE} so the job is requeued" in ranks.output(0)
     assert 1 <= len(done_chunks(out)) < 20, "the job finished before the signal; nothing was tested"
     assert_no_partial_records(out, reference_job)

@@ -6,7 +6,7 @@ from collections.abc import Sequence as Seq
 from typing import Any, Self
 
 from tprun.config import EngineConfig, ParallelConfig, SamplingParams
-from tprun.engine.llm_engine import LLMEngine
+from tprun.engine.llm_engine import LLMEngine, derive_seed
 from tprun.engine.outputs import CompletionOutput, RequestOutput
 
 PromptType = str | list[int] | dict[str, Any]
@@ -26,6 +26,9 @@ class LLM:
 
         self.llm_engine = LLMEngine(self.config)  # checks the model directory first, with a clear error
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, local_files_only=True)
+        self._pending: dict[int, tuple[str, str | None]] = {}  # seq id -> (request id, prompt text)
+        self._generate_calls = 0
+        self._carried: list[RequestOutput] = []
 
     @property
     def dist(self):
@@ -48,20 +51,47 @@ class LLM:
                   else [sampling_params] * len(prompts))
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each")
-        engine = self.llm_engine
-        seqs, texts = [], []
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            text, ids = self._tokenize(prompt)
-            texts.append(text)
-            seqs.append(engine.add_request(ids, sp, default_seed=derive_seed(self.config.seed, i)))
-        bar = _progress(len(seqs), use_tqdm)
-        while engine.has_unfinished():
-            done = engine.step()
-            if bar is not None and done:
-                bar.update(len(done))
+        ids = [f"{self._generate_calls}-{i}" for i in range(len(prompts))]
+        self._generate_calls += 1
+        for i, (rid, prompt, sp) in enumerate(zip(ids, prompts, params)):
+            self._add(rid, prompt, sp, default_seed=derive_seed(self.config.seed, i))
+        bar = _progress(len(ids), use_tqdm)
+        done: dict[str, RequestOutput] = {}
+        mine = set(ids)
+        while len(done) < len(ids):
+            finished = self.step()
+            for o in finished:
+                if o.request_id in mine:
+                    done[o.request_id] = o
+                else:  # a streamed request (add_request): the caller's next step() returns it
+                    self._carried.append(o)
+            if bar is not None and finished:
+                bar.update(len(finished))
         if bar is not None:
             bar.close()
-        return [self._output(i, text, seq) for i, (text, seq) in enumerate(zip(texts, seqs))]
+        return [done[rid] for rid in ids]
+
+    # -- streaming: keep the batch full across many submissions (the job runner does) -----------
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+        """Queue one request; its output comes back from a later step(). Without a seed in `params`
+        the request's seed derives from the engine seed and its arrival number."""
+        self._add(request_id, prompt, params, default_seed=None)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that finished in it (arrival order)."""
+        carried, self._carried = self._carried, []
+        return carried + [self._output(self._pending.pop(seq.seq_id), seq) for seq in self.llm_engine.step()]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._pending or self._carried)
+
+    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, default_seed: int | None) -> None:
+        text, ids = self._tokenize(prompt)
+        engine = self.llm_engine
+        seq = engine.add_request(ids, params, default_seed=default_seed)
+        self._pending[seq.seq_id] = (request_id, text)
+        if seq.is_finished:  # refused at once (e.g. too long): reported by the next step()
+            engine.finished_on_add.append(seq)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = False):
         batch = messages if messages and isinstance(messages[0], list) else [messages]
@@ -88,12 +118,13 @@ class LLM:
             "with 'prompt', 'prompt_token_ids' or 'messages'"
         )
 
-    def _output(self, index: int, text: str | None, seq) -> RequestOutput:
+    def _output(self, request: tuple[str, str | None], seq) -> RequestOutput:
+        request_id, text = request
         out = CompletionOutput(
             index=0, text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
             token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason, error=seq.error,
         )
-        return RequestOutput(str(index), text, list(seq.prompt_token_ids), [out], finished=True)
+        return RequestOutput(request_id, text, list(seq.prompt_token_ids), [out], finished=True)
 
     def shutdown(self) -> None:
         self.llm_engine.shutdown()
@@ -112,7 +143,3 @@ def _progress(total: int, enabled: bool):
 
     return tqdm(total=total, desc="requests", unit="req")
 
-
-def derive_seed(base: int, index: int) -> int:
-    """A request's seed when it has none: a fixed function of the engine seed and its index."""
-    return (base * 1_000_003 + index * 7_919 + 12_345) % (2**31 - 1)

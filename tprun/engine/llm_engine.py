@@ -34,18 +34,21 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self._finished_since_step: list[int] = []
+        self.finished_on_add: list[Sequence] = []  # refused when added; reported by the next step
 
     @property
     def num_blocks(self) -> int:
         return self.scheduler.block_manager.num_blocks
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, default_seed: int) -> Sequence:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, default_seed: int | None) -> Sequence:
+        seq_id = next(self._ids)
         options = SamplingOptions(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            max_tokens=params.max_tokens, seed=default_seed if params.seed is None else params.seed,
+            max_tokens=params.max_tokens, seed=params.seed if params.seed is not None else (
+                default_seed if default_seed is not None else derive_seed(self.config.seed, seq_id)),
             stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
         )
-        seq = Sequence(next(self._ids), list(prompt_token_ids), options, self.eos_token_ids)
+        seq = Sequence(seq_id, list(prompt_token_ids), options, self.eos_token_ids)
         bad = [t for t in seq.prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             # At TP > 1 an out-of-range id would silently embed as zeros: refuse it here.
@@ -55,11 +58,13 @@ class LLMEngine:
         return seq
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.finished_on_add)
 
     def step(self) -> list[Sequence]:
+        """Schedule, run the model, post-process; returns the sequences that finished."""
+        finished, self.finished_on_add = self.finished_on_add, []
         batch = self.scheduler.schedule()
-        finished = self._drain_early()
+        finished += self._drain_early()
         if batch is None:
             if self.scheduler.has_unfinished() and not finished:
                 raise RuntimeError("scheduler made no progress with requests pending (a bug)")
@@ -91,3 +96,8 @@ def _eos_ids(hf_config, model_dir: str) -> frozenset[int]:
         if eos is not None:
             ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return frozenset(ids)
+
+
+def derive_seed(base: int, index: int) -> int:
+    """A request's seed when it has none: a fixed function of the engine seed and an index."""
+    return (base * 1_000_003 + index * 7_919 + 12_345) % (2**31 - 1)

@@ -1,7 +1,8 @@
 """`tprun run`: a JSONL file in, OUT/results.jsonl out, for DP x TP jobs that survive.
 
     plan (every rank, local files only) -> engine (rendezvous) -> agree on the job, rank 0 sets OUT up
-    -> claim chunk / generate / write part, until no chunk is left or a stop signal
+    -> claim chunks while the batch has room / step the engine / write each finished chunk, until no
+       chunk is left or a stop signal
     -> rank 0 merges when every group is done -> every rank exits with rank 0's verdict
 
 Exit codes: tprun/runner/exit_codes.py.
@@ -15,6 +16,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from tprun.config import JobSpec
@@ -183,32 +185,70 @@ def _agree_on_job(plan: JobPlan, ctx: Any) -> None:
         )
 
 
+@dataclass
+class _Chunk:
+    index: int
+    records: list[Record]
+    started: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outputs) == len(self.records)
+
+
 def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
-    """This TP group's loop; returns its stats for this run."""
+    """This TP group's loop; returns its stats for this run.
+
+    Chunks are claimed while fewer than `max_num_seqs` requests are queued, so the engine's batch stays
+    full across chunk boundaries. Every rank of the group sees the same outputs at the same steps, so
+    all call claimer.next() (a group collective) at the same moments.
+    """
     ctx, spec = llm.dist, plan.spec
     stats = {"group": ctx.dp_rank, "ranks": ctx.tp_group_ranks, "chunks": 0, "records": 0, "tokens": 0,
              "seconds": 0.0, "stopped": None}
-    while (k := claimer.next()) is not None:
-        records = plan.index.read_chunk(k, spec.sampling, plan.vocab_size)
-        t = time.monotonic()
-        outs = llm.generate([r.engine_prompt() for r in records],
-                            [sampling_for(r, spec.sampling, plan.job_seed) for r in records]) if records else []
-        seconds = time.monotonic() - t
-        results = [_result(r, o) for r, o in zip(records, outs)]
-        tokens = sum(len(r["output_token_ids"]) for r in results)
-        if ctx.is_tp_leader:
-            parts.write_part(plan.out, k, results, {
-                "chunk": k, "records": len(results), "tokens": tokens, "seconds": round(seconds, 3),
-                "group": ctx.dp_rank, "host": socket.gethostname(), "finished_at": time.time(),
-            })
-            ctx.store.add(keys.RECORDS_DONE, len(results))
-            ctx.store.add(keys.TOKENS_DONE, tokens)
-        stats["chunks"] += 1
-        stats["records"] += len(results)
-        stats["tokens"] += tokens
-        stats["seconds"] = round(stats["seconds"] + seconds, 3)
+    keep_queued = llm.config.max_num_seqs
+    inflight: dict[int, _Chunk] = {}
+    queued, exhausted, t0 = 0, False, time.monotonic()
+    while True:
+        while not exhausted and queued < keep_queued:
+            k = claimer.next()
+            if k is None:
+                exhausted = True
+                break
+            chunk = inflight[k] = _Chunk(k, plan.index.read_chunk(k, spec.sampling, plan.vocab_size), time.monotonic())
+            for i, r in enumerate(chunk.records):
+                llm.add_request(f"{k}:{i}", r.engine_prompt(), sampling_for(r, spec.sampling, plan.job_seed))
+            queued += len(chunk.records)
+        if not llm.has_unfinished_requests() and any(not c.complete for c in inflight.values()):
+            raise RuntimeError("the engine has no requests left but chunks are incomplete (a bug)")
+        for out in llm.step() if llm.has_unfinished_requests() else []:
+            k, _, i = out.request_id.partition(":")
+            inflight[int(k)].outputs[i] = out
+            queued -= 1
+        for k in [k for k, c in inflight.items() if c.complete]:  # claim order: deterministic on every rank
+            _write_chunk(plan, ctx, inflight.pop(k), stats)
+        if exhausted and not inflight:
+            break
+    stats["seconds"] = round(time.monotonic() - t0, 3)
     stats["stopped"] = claimer.stopped
     return stats
+
+
+def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any]) -> None:
+    results = [_result(r, chunk.outputs[str(i)]) for i, r in enumerate(chunk.records)]
+    tokens = sum(len(r["output_token_ids"]) for r in results)
+    if ctx.is_tp_leader:
+        parts.write_part(plan.out, chunk.index, results, {
+            "chunk": chunk.index, "records": len(results), "tokens": tokens,
+            "seconds": round(time.monotonic() - chunk.started, 3), "group": ctx.dp_rank,
+            "host": socket.gethostname(), "finished_at": time.time(),
+        })
+        ctx.store.add(keys.RECORDS_DONE, len(results))
+        ctx.store.add(keys.TOKENS_DONE, tokens)
+    stats["chunks"] += 1
+    stats["records"] += len(results)
+    stats["tokens"] += tokens
 
 
 def _result(record: Record, out: Any) -> dict[str, Any]:

@@ -58,5 +58,5 @@ class StopFlag:
             sys.stderr.flush()
             os._exit(EXIT_REQUEUE)
         self.signal_name = name
-        self._log(f"{name}: finishing the chunk in flight, then exiting with {EXIT_REQUEUE} "
+        self._log(f"{name}: finishing the chunk(s) in flight, then exiting with {EXIT_REQUEUE} "
                   "(requeue); a rerun resumes. Send it again to abandon the chunk now.")
