@@ -212,7 +212,7 @@ class JobSpec(_Strict):
             )
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "JobSpec":
+    def from_yaml(cls, path: str | Path) -> JobSpec:
         import yaml
 
         path = Path(path)

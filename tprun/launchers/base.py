@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 
 class LauncherError(RuntimeError):
