@@ -27,10 +27,10 @@ class LocalLauncher(Launcher):
         port = self.environ.get("MASTER_PORT")
         if port:
             return self._int("master_port")
-        return _free_port()
+        return free_port()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
