@@ -17,13 +17,13 @@ def free_port() -> int:
     return local_free_port()
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
     """subprocess.run, but a timeout kills the whole process group (torchrun's workers included)."""
-    proc = subprocess.Popen(cmd, env=env or test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **kw)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -37,4 +37,4 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, **kw)
 def torchrun(nproc: int, script_and_args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), *script_and_args]
-    return run(cmd, timeout, test_env(**env))
+    return run(cmd, timeout, child_env(**env))
