@@ -116,6 +116,9 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
         result["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if args.batch1_tokens:
         result["batch1_ms_per_token"] = batch1_latency(llm, requests[0], args.batch1_tokens, args.device)
+    runner = llm.llm_engine.executor.worker.runner
+    if runner.graphs:
+        result["graph_replay"] = replay_cost(runner)
     if args.profile:
         profile_decode(llm, prompts, args.device)
     if args.cprofile:
@@ -143,6 +146,25 @@ def batch1_latency(llm, request: Request, steps: int, device: str) -> float:
 
     run(steps + 1)
     return min((run(steps + 1) - run(1)) / steps * 1e3 for _ in range(2))
+
+
+def replay_cost(runner) -> dict:
+    """Host time of one replay() call of the largest decode graph next to its GPU time: while the host
+    launches, the GPU waits (each step's sampled tokens are needed before the next launch)."""
+    graph, _ = runner.graphs[max(runner.graphs)]
+    host, device = [], []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        graph.replay()
+        end.record()
+        host.append(time.perf_counter() - t0)
+        end.synchronize()
+        device.append(start.elapsed_time(end) / 1e3)
+    return {"batch": max(runner.graphs), "host_launch_ms": 1e3 * sorted(host)[5],
+            "gpu_ms": 1e3 * sorted(device)[5]}
 
 
 def profile_decode(llm, prompts: list[dict], device: str) -> None:
@@ -251,6 +273,10 @@ def print_table(r: dict) -> None:
     print(f"tprun: {t['seconds']:.2f} s  {t['output_tok_s']:.0f} out tok/s  {t['total_tok_s']:.0f} total tok/s  "
           f"{t['roofline_pct']:.1f}% of roofline  kv_blocks {t['kv_blocks']}  preemptions {t['preemptions']}"
           + (f"  peak {t['peak_memory_GiB']:.1f} GiB" if "peak_memory_GiB" in t else ""))
+    if "graph_replay" in t:
+        g = t["graph_replay"]
+        print(f"decode graph (batch {g['batch']}, seq_len 0 rows): replay() {g['host_launch_ms']:.2f} ms on the "
+              f"host, {g['gpu_ms']:.2f} ms on the GPU")
     if "batch1_ms_per_token" in t:
         print(f"batch-1 decode: {t['batch1_ms_per_token']:.2f} ms/token, bound {t['batch1_bound_ms']:.2f} ms "
               f"({t['batch1_hbm_pct']:.0f}% of HBM bound)")

@@ -59,7 +59,10 @@ class Sequence:
 
     def step_input(self, num_new_tokens: int) -> SeqStep:
         start = self.num_tokens - num_new_tokens
-        return SeqStep(self.seq_id, self.token_ids[start:], start, list(self.block_table), self.sampling)
+        # A decode step needs only the last output token: slicing token_ids would copy the whole context.
+        p = self.num_prompt_tokens
+        new = self.output_token_ids[start - p :] if start >= p else self.token_ids[start:]
+        return SeqStep(self.seq_id, new, start, list(self.block_table), self.sampling)
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED
