@@ -86,15 +86,25 @@ def render_sbatch(spec: JobSpec, spec_path: str) -> str:
         "# One task per process; each reads its rank from SLURM_PROCID. srun of Slurm 22.05-23.02 does not",
         "# inherit --cpus-per-task from the job, hence it is repeated here.",
         " ".join(shlex.quote(a) for a in srun + run) + ' "$@"',
+        *requeue_after_srun(slurm.max_requeues),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def requeue_after_srun(max_requeues: int) -> list[str]:
+    """The batch script's lines right after srun: the one place a stopped job is requeued, in this script
+    and in submitit's (as its teardown). The script decides rather than a task, because a task may not get
+    to: a second stop signal makes tprun leave at once (os._exit), and a signal before tprun's handlers are
+    in place ends the task with the same exit code."""
+    return [
         "rc=$?",
         f"# {EXIT_REQUEUE}: stopped by --signal before every chunk was done. Requeued, the job restarts with",
         "# the same id and output directory and skips the chunks already written. A job that is not RUNNING",
         "# any more was cancelled, or preempted and requeued by Slurm itself: left alone.",
-        f'if [ "$rc" -eq {EXIT_REQUEUE} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {slurm.max_requeues} ] &&',
+        f'if [ "$rc" -eq {EXIT_REQUEUE} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ] &&',
         '   [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" = RUNNING ]; then',
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
         'exit "$rc"',
-        "",
     ]
-    return "\n".join(lines)

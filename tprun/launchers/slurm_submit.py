@@ -5,12 +5,14 @@ exactly as `tprun run` under deploy/slurm.sbatch does. A rank that fails raises,
 and the end of its stderr land in submitit's result for that task and in `logs()`.
 
 Preemption and time limits: submitit asks for its signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says
-otherwise) spec.slurm.signal's seconds before the end. tprun stops claiming chunks, finishes the one in
-flight and returns 75; rank 0 then requeues the job, which restarts with the same id and folder and
-resumes, skipping finished chunks. If the signal comes while tprun's own handlers are not installed,
-submitit's handler checkpoints the same call (Checkpointable's default) and requeues it itself.
-A cancel wins: scancel's SIGTERM also makes tprun exit 75, but a job that is no longer RUNNING is not
-requeued (nor one Slurm preempts and requeues on its own).
+otherwise) spec.slurm.signal's seconds before the end; a preemption sends SIGTERM (and, where Slurm has
+preempt_send_user_signal, that signal too); submitit's Job._interrupt() sends SIGTERM then USR2. tprun
+stops claiming chunks, finishes the one in flight (or abandons it on a second signal) and every task
+exits 75. The batch script then requeues the job, as deploy/slurm.sbatch does (its teardown is
+slurm_render.requeue_after_srun): not the task, which cannot once tprun has left with os._exit. The job
+restarts with the same id and folder and resumes, skipping finished chunks. A cancel wins: scancel's
+SIGTERM also ends tprun with 75, but a job that is no longer RUNNING is not requeued (nor one Slurm
+preempts and requeues on its own).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from tprun.config import JobSpec
 from tprun.launchers.handle import JobHandle, JobState
-from tprun.launchers.slurm_render import THREADS, sbatch_options
+from tprun.launchers.slurm_render import THREADS, requeue_after_srun, sbatch_options
 from tprun.runner.exit_codes import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -33,6 +35,7 @@ from tprun.runner.exit_codes import (
     EXIT_PEER_FAILED,
     EXIT_REQUEUE,
 )
+from tprun.runner.signals import STOP_SIGNALS
 
 try:
     import submitit
@@ -69,44 +72,33 @@ class TprunTask(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> int:
-        # submitit only logs SIGTERM (scancel, Slurm's preemption). Until tprun's own handlers are in
-        # place, once its engine is up, nothing has been done yet: a stop then means leave at once.
-        signal.signal(signal.SIGTERM, _stop_before_start)
+        # Until tprun's own handlers are in place, once its engine is up, nothing has been done yet: a stop
+        # then means leave at once, for requeue. submitit would only log SIGTERM, and on its USR2 requeue
+        # from rank 0 alone, bypassing the script's rules (cancel wins, max_requeues).
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _stop_before_start)
         from tprun.runner.job import run_job  # on the cluster: submitting needs no engine
 
         rc = run_job(self.spec, overwrite=False, quiet=True)
+        # The verdict is in: a stop signal now must not turn it into another one.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         if rc == EXIT_OK:
             return rc
         env = submitit.JobEnvironment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if rc == EXIT_REQUEUE and restarts < self.max_requeues:
-            if env.global_rank == 0:
-                _requeue(env.job_id)
-            # SystemExit, not an exception: submitit then writes no result, and the requeued run will.
+            # SystemExit, not an exception: submitit then writes no result (the requeued run will), and
+            # srun's exit code is 75, on which the batch script requeues the job.
             sys.exit(rc)
         raise TprunTaskError(_failure_message(env, rc, restarts))
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
     name = signal.Signals(signum).name
-    print(f"tprun: {name} before the job started; exiting", file=sys.stderr, flush=True)
+    print(f"tprun: {name} before the job started; exiting with {EXIT_REQUEUE} (requeue)", file=sys.stderr,
+          flush=True)
     raise SystemExit(EXIT_REQUEUE)
-
-
-def _requeue(job_id: str) -> None:
-    # Only a job Slurm still runs: after scancel (COMPLETING) the stop was a cancel, which must win, and
-    # a job Slurm preempts (PreemptMode=REQUEUE) is requeued by Slurm itself.
-    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False, capture_output=True,
-                           text=True, timeout=SLURM_CMD_TIMEOUT_S).stdout.strip()
-    if state != "RUNNING":
-        print(f"tprun: job {job_id} is {state or 'gone'}, not requeueing it", file=sys.stderr, flush=True)
-        return
-    result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
-                            timeout=SLURM_CMD_TIMEOUT_S)
-    if result.returncode:
-        print(f"tprun: not requeued: {result.stderr.strip()}", file=sys.stderr, flush=True)
-    else:
-        print(f"tprun: requeued job {job_id}; it resumes where it stopped", file=sys.stderr, flush=True)
 
 
 def _failure_message(env, rc: int, restarts: int) -> str:
@@ -152,6 +144,7 @@ def executor_parameters(spec: JobSpec) -> dict:
         # submitit sends its own signal (it is what its handler listens to); the lead time is ours.
         "signal_delay_s": slurm.signal_seconds,
         "setup": [*THREADS, *slurm.setup],
+        "teardown": requeue_after_srun(slurm.max_requeues),
         "srun_args": [f"--cpus-per-task={res.cpus_per_proc}", *slurm.srun_args],
     }
     if res.gpus_per_node > 0:
