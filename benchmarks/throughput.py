@@ -275,8 +275,8 @@ def print_table(r: dict) -> None:
           + (f"  peak {t['peak_memory_GiB']:.1f} GiB" if "peak_memory_GiB" in t else ""))
     if "graph_replay" in t:
         g = t["graph_replay"]
-        print(f"decode graph (batch {g['batch']}, seq_len 0 rows): replay() {g['host_launch_ms']:.2f} ms on the "
-              f"host, {g['gpu_ms']:.2f} ms on the GPU")
+        print(f"decode graph (batch {g['batch']}, the last step's inputs): replay() {g['host_launch_ms']:.2f} ms "
+              f"on the host, {g['gpu_ms']:.2f} ms on the GPU")
     if "batch1_ms_per_token" in t:
         print(f"batch-1 decode: {t['batch1_ms_per_token']:.2f} ms/token, bound {t['batch1_bound_ms']:.2f} ms "
               f"({t['batch1_hbm_pct']:.0f}% of HBM bound)")
