@@ -91,7 +91,7 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
     greedy = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     # Warm-up: kernel compilation for the shapes prefill and decode meet, outside the timed run.
-    llm.generate(prompts[:8], [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * 8)
+    llm.generate(prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     # Prefill alone (one token each), to split the timed run into its prefill and decode parts.
     sync(args.device)
     t0 = time.perf_counter()
@@ -119,6 +119,8 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
     runner = llm.llm_engine.executor.worker.runner
     if runner.graphs:
         result["graph_replay"] = replay_cost(runner)
+    if args.device == "cuda":
+        result["decode_step_timing"] = step_timing(llm, prompts)
     if args.profile:
         profile_decode(llm, prompts, args.device)
     if args.cprofile:
@@ -146,6 +148,41 @@ def batch1_latency(llm, request: Request, steps: int, device: str) -> float:
 
     run(steps + 1)
     return min((run(steps + 1) - run(1)) / steps * 1e3 for _ in range(2))
+
+
+def step_timing(llm, prompts: list[dict]) -> dict:
+    """Decode steps of all prompts x 64 tokens: the wall time between step starts against the GPU time of
+    each step's work (events around the runner's execute, which ends in the sampler's host sync). The
+    difference is host time with the GPU idle: engine scheduling, step building, uploads, post-processing."""
+    from tprun import SamplingParams
+
+    runner = llm.llm_engine.executor.worker.runner
+    execute, records = runner.execute, []
+
+    def timed(step):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        out = execute(step)
+        end.record()
+        records.append((t0, start, end, step.is_prefill, len(step.seqs)))
+        return out
+
+    runner.execute = timed
+    try:
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+        torch.cuda.synchronize()
+    finally:
+        runner.execute = execute
+    wall = gpu = 0.0
+    steps = 0
+    for (t0, s, e, prefill, _), (t1, *_rest) in zip(records, records[1:]):
+        if not prefill:
+            wall += t1 - t0
+            gpu += s.elapsed_time(e) / 1e3
+            steps += 1
+    return {"decode_steps": steps, "batch": max(r[4] for r in records), "wall_ms_per_step": 1e3 * wall / steps,
+            "gpu_ms_per_step": 1e3 * gpu / steps, "host_idle_ms_per_step": 1e3 * (wall - gpu) / steps}
 
 
 def replay_cost(runner) -> dict:
@@ -277,6 +314,10 @@ def print_table(r: dict) -> None:
         g = t["graph_replay"]
         print(f"decode graph (batch {g['batch']}, the last step's inputs): replay() {g['host_launch_ms']:.2f} ms "
               f"on the host, {g['gpu_ms']:.2f} ms on the GPU")
+    if "decode_step_timing" in t:
+        d = t["decode_step_timing"]
+        print(f"decode steps at batch {d['batch']} (x64 tokens): {d['wall_ms_per_step']:.2f} ms wall a step, "
+              f"{d['gpu_ms_per_step']:.2f} ms GPU, {d['host_idle_ms_per_step']:.2f} ms host with the GPU idle")
     if "batch1_ms_per_token" in t:
         print(f"batch-1 decode: {t['batch1_ms_per_token']:.2f} ms/token, bound {t['batch1_bound_ms']:.2f} ms "
               f"({t['batch1_hbm_pct']:.0f}% of HBM bound)")

@@ -163,6 +163,23 @@ def test_decode_matches_float64(shape, dtype, block_size):
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_of_a_large_batch_uses_wide_partitions_and_matches_float64(dtype):
+    skip_if_interpreter_cannot(dtype)
+    gen, seed = fresh_generator()
+    nh, nkv, hd = 16, 8, 64
+    batch = ac.WIDE_FROM_PROGRAMS // nkv
+    assert ac.decode_partition(batch, nkv) == ac.WIDE_DECODE_PARTITION
+    p = ac.WIDE_DECODE_PARTITION
+    lens = torch.randint(1, 3 * p, (batch,), generator=gen)
+    lens[:6] = torch.tensor([1, p - 1, p, p + 1, 2 * p, 2 * p + 1])
+    decode = make_batch([(n - 1, 1) for n in lens.tolist()], nh, nkv, hd, 16, dtype, gen)
+    out = ac.paged_attention(decode.q, decode.k_new, decode.v_new, decode.k_cache, decode.v_cache, decode.meta,
+                             hd**-0.5)
+    err = rel_err(out.view_as(decode.q), reference(decode, hd**-0.5))
+    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sliding_window_prefill_and_decode_match_float64(dtype, block_size):

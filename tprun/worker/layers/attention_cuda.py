@@ -20,7 +20,15 @@ import triton.language as tl
 from tprun.worker.attention_metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
-DECODE_PARTITION = 256  # tokens per decode program; see benchmarks/NOTES.md for the sweep
+# Tokens per decode program. Wider partitions once the batch alone fills the GPU (about 1.5 % faster at
+# batch 128-256 on an H100), narrower ones keep small batches parallel: benchmarks/NOTES.md, run 1 sweep.
+DECODE_PARTITION = 256
+WIDE_DECODE_PARTITION = 512
+WIDE_FROM_PROGRAMS = 1024  # batch * num_kv_heads
+
+
+def decode_partition(batch: int, num_kv_heads: int) -> int:
+    return WIDE_DECODE_PARTITION if batch * num_kv_heads >= WIDE_FROM_PROGRAMS else DECODE_PARTITION
 
 
 def unsupported_reason(head_dim: int, dtype: torch.dtype) -> str | None:
@@ -229,7 +237,7 @@ def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, stride_ot, stride_oh
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     sliding_window: int | None = None, partition: int = DECODE_PARTITION, block_n: int = 64, num_warps: int = 4,
+                     sliding_window: int | None = None, partition: int | None = None, block_n: int = 64, num_warps: int = 4,
                      num_stages: int = 2) -> torch.Tensor:
     """q [B, num_heads, head_dim], one new token per sequence -> [B, num_heads, head_dim]."""
     batch, num_heads, head_dim = q.shape
@@ -239,6 +247,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     block_size = k_cache.shape[1]
+    partition = partition or decode_partition(batch, num_kv_heads)
     # From shapes only (the block table's capacity), so a captured graph replays for any context length.
     max_parts = triton.cdiv(block_tables.shape[1] * block_size, partition)
     part_out = torch.empty(batch, num_heads, max_parts, head_dim, dtype=torch.float32, device=q.device)
