@@ -77,10 +77,28 @@ def test_second_signal_abandons_the_chunk_in_flight_at_once(demo_model, tmp_path
     exit_after = ranks.wait(timeout=60)
     assert ranks.codes == [EXIT_REQUEUE], ranks.output()
     assert exit_after[0] < 5
-    assert "SIGTERM again: abandoning the chunk in flight" in ranks.output()
+    assert "SIGTERM again: abandoning the chunk(s) in flight" in ranks.output()
     assert done_chunks(out) == [] and not list(out.glob("parts/chunk-*.jsonl"))
     assert not (out / "results.jsonl").exists()
 
     r = run_cli(args)
     assert r.returncode == EXIT_OK, r.stderr
     assert [x["id"] for x in read_jsonl(out / "results.jsonl")] == [f"r{i}" for i in range(20)]
+
+
+def test_term_then_usr2_is_one_stop_that_still_finishes_the_chunk(demo_model, tmp_path):
+    """submitit's interrupt and Slurm's preemption announce one stop with two different signals."""
+    inp = write_jsonl(tmp_path / "in.jsonl", job_rows(8))
+    out = tmp_path / "out"
+    args = run_args(demo_model, inp, out, "--max-tokens", "200", "--ignore-eos", "--chunk-size", "4",
+                    "--engine", "max_num_seqs=1")
+    ranks = launch_ranks(1, args, tmp_path / "logs")
+    wait_for(lambda: "running 8 of 8 records" in ranks.output(), timeout=120, what="the job to start",
+             ranks=ranks)
+    ranks.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    ranks.signal(signal.SIGUSR2)
+    ranks.wait(timeout=120)
+    assert ranks.codes == [EXIT_REQUEUE], ranks.output()
+    assert "SIGUSR2 too: already stopping (SIGTERM)" in ranks.output()
+    assert done_chunks(out) == [0], "the chunk in flight is finished and written, the next one not started"

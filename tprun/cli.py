@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -80,7 +81,12 @@ def cmd_run(args) -> int:
         print(f"tprun run: invalid job: {e}", file=sys.stderr)
         return 2
     from tprun.runner.job import run_job
+    from tprun.runner.signals import STOP_SIGNALS
 
+    # run_job handles stop signals while it runs and then restores these: once it has returned, the
+    # process only tears down, and a late stop signal must not turn its exit code into a signal death.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     return run_job(spec, overwrite=args.overwrite, quiet=args.quiet)
 
 

@@ -44,17 +44,27 @@ SHUTDOWN_TIMEOUT_S = 60.0
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, quiet: bool = False) -> int:
     """Run one process's share of the job; returns the process exit code (see exit_codes.py)."""
+    from tprun.runner.signals import StopFlag
+
+    # From the first instant: a preemption during start-up must become "requeue", not a default death.
+    # A stop that lands before the engine is up is seen at the first claim, and the job exits 75 at once.
+    stop = StopFlag().install()
     try:
-        plan = plan_job(spec, overwrite)
-    except JobError as e:
-        print(f"tprun: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_JOB_ERROR
-    if isinstance(plan, int):
-        return plan
-    return _run(plan, quiet)
+        try:
+            plan = plan_job(spec, overwrite)
+        except JobError as e:
+            print(f"tprun: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_JOB_ERROR
+        if isinstance(plan, int):
+            return plan
+        stop.log = plan.log
+        return _run(plan, quiet, stop)
+    finally:
+        # Only now: a stop signal that lands after the verdict must not kill the process with it unreported.
+        stop.restore()
 
 
-def _run(plan: JobPlan, quiet: bool) -> int:
+def _run(plan: JobPlan, quiet: bool, stop: Any) -> int:
     spec, log = plan.spec, plan.log
     from tprun.engine.llm import LLM
 
@@ -69,7 +79,7 @@ def _run(plan: JobPlan, quiet: bool) -> int:
         return EXIT_FAILED
     code = EXIT_FAILED
     try:
-        code = _run_engine(plan, llm, quiet)
+        code = _run_engine(plan, llm, quiet, stop)
         return code
     finally:
         _shutdown(llm, code)
@@ -90,9 +100,8 @@ def _shutdown(llm: Any, code: int) -> None:
         timer.cancel()
 
 
-def _run_engine(plan: JobPlan, llm: Any, quiet: bool) -> int:
+def _run_engine(plan: JobPlan, llm: Any, quiet: bool, stop: Any) -> int:
     from tprun.runner.chunks import ChunkClaimer
-    from tprun.runner.signals import StopFlag
     from tprun.runner.watchdog import Watchdog
 
     ctx, log = llm.dist, plan.log
@@ -107,7 +116,6 @@ def _run_engine(plan: JobPlan, llm: Any, quiet: bool) -> int:
 
     watchdog = Watchdog(ctx.store, ctx.rank, ctx.world_size, period_s=HEARTBEAT_S,
                         timeout_s=HEARTBEAT_TIMEOUT_S, log=log).start()
-    stop = StopFlag(log=log).install()
     progress = None
     if ctx.rank == 0:
         done_before = sum(parts.read_done(plan.out, k)["records"] for k in range(plan.index.num_chunks)
@@ -141,8 +149,6 @@ def _run_engine(plan: JobPlan, llm: Any, quiet: bool) -> int:
         _leave(ctx)
     elif ctx.rank == 0 and ctx.world_size > 1:
         time.sleep(watchdog.linger_s)  # rank 0 hosts the store: let the others read why before it goes
-    # Only now: a stop signal that lands after the verdict must not kill the process with it unreported.
-    stop.restore()
     return code
 
 

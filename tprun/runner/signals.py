@@ -26,8 +26,9 @@ class StopFlag:
 
     def __init__(self, log: Callable[[str], None] | None = None) -> None:
         self.signal_name: str | None = None
-        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._previous: dict[int, object] = {}
+        self._received: set[int] = set()
 
     @property
     def requested(self) -> bool:
@@ -51,12 +52,21 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        # Only a signal already received abandons the chunk: schedulers announce one stop with a pair of
+        # different signals (submitit's interrupt: TERM then USR2), and the end of a grace period with the
+        # same signal again (Slurm: TERM, CONT, TERM).
+        if self.requested and signum not in self._received:
+            self._received.add(signum)
+            self.log(f"{name} too: already stopping ({self.signal_name}); send {name} again to abandon the "
+                      "chunk(s) in flight")
+            return
+        self._received.add(signum)
         if self.requested:
-            self._log(f"{name} again: abandoning the chunk in flight; exiting with "
+            self.log(f"{name} again: abandoning the chunk(s) in flight; exiting with "
                       f"{EXIT_REQUEUE} (requeue)")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_REQUEUE)
         self.signal_name = name
-        self._log(f"{name}: finishing the chunk(s) in flight, then exiting with {EXIT_REQUEUE} "
-                  "(requeue); a rerun resumes. Send it again to abandon the chunk now.")
+        self.log(f"{name}: finishing the chunk(s) in flight, then exiting with {EXIT_REQUEUE} "
+                  "(requeue); a rerun resumes. Send it again to abandon the chunk(s) now.")
