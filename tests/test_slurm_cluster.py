@@ -153,6 +153,8 @@ def test_submit_handle_status_and_cancel_of_a_running_job(demo):
     spec = JobSpec.from_yaml(EXAMPLE).model_copy(update={
         "model": str(demo["model"]), "input": str(prompts), "output": str(demo["tmp"] / "cancel-out"),
         "sampling": SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), "chunk_size": 4,
+        # One request at a time: the engine's continuous batching would otherwise finish all 64 at once.
+        "engine": {"max_num_seqs": 1},
     })
     handle = submit(spec, backend="slurm", folder=demo["tmp"] / "cancel-logs")
     try:
