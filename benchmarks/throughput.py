@@ -173,7 +173,7 @@ def step_timing(llm, prompts: list[dict]) -> dict:
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
         torch.cuda.synchronize()
     finally:
-        runner.execute = execute
+        del runner.execute  # the instance attribute; a bound method stored on it would keep a cycle alive
     wall = gpu = 0.0
     steps = 0
     for (t0, s, e, prefill, _), (t1, *_rest) in zip(records, records[1:]):
