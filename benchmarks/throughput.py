@@ -304,7 +304,7 @@ def main() -> None:
 def print_table(r: dict) -> None:
     c, f, t, h = r["ceilings"], r["floor"], r["tprun"], r["hf"]
     print(f"\n{r['shape']} {r['dtype']} tp={r['tp']} on {r['device']} ({r['date']})")
-    print(f"ceilings: copy {c['bandwidth'] / 1e12:.2f} TB/s, matmul {c['matmul_flops'] / 1e12:.0f} TFLOP/s "
+    print(f"ceilings: copy {c['bandwidth'] / 1e12:.3g} TB/s, matmul {c['matmul_flops'] / 1e12:.3g} TFLOP/s "
           f"({c['matmul_shape']}); floor {f['seconds']:.2f} s (compute {f['compute_s']:.2f}, memory "
           f"{f['memory_s']:.2f})")
     print(f"tprun: {t['seconds']:.2f} s  {t['output_tok_s']:.0f} out tok/s  {t['total_tok_s']:.0f} total tok/s  "
