@@ -24,6 +24,10 @@ from tprun.runner.exit_codes import EXIT_OK, EXIT_PEER_FAILED
 pytestmark = pytest.mark.slow
 
 
+# A pause after each chunk, so that a kill lands mid-job however fast the machine is.
+SLOW = {"TPRUN_TEST_CHUNK_DELAY_S": "1"}
+
+
 def assert_each_id_once(results_text: str, n: int) -> None:
     ids = Counter(json.loads(line)["id"] for line in results_text.splitlines())
     assert len(ids) == n and set(ids.values()) == {1}
@@ -51,7 +55,7 @@ def test_dp2_results_equal_single_process(reference_job, tmp_path):
 def test_kill9_of_one_torchrun_worker_ends_every_rank_within_60s_and_rerun_matches(reference_job, tmp_path):
     out = tmp_path / "out"
     args = reference_job.args(out, "--tp", "2", "--dp", "2", "--chunk-size", "2")
-    agent = start_torchrun(4, args, tmp_path / "torchrun.log")
+    agent = start_torchrun(4, args, tmp_path / "torchrun.log", **SLOW)
     try:
         wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks")
         workers = worker_pids(agent.pid)
@@ -80,7 +84,7 @@ def test_kill9_of_one_rank_stops_every_rank_within_60s_and_rerun_matches(referen
     """Ranks run without torchrun's agent, which would kill the survivors itself: the runner must."""
     out = tmp_path / "out"
     args = reference_job.args(out, "--tp", "2", "--dp", "2", "--chunk-size", "2")
-    ranks = launch_ranks(4, args, tmp_path / "logs")
+    ranks = launch_ranks(4, args, tmp_path / "logs", **SLOW)
     wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks", ranks=ranks)
     ranks.signal(signal.SIGKILL, [victim])
     exit_after = ranks.wait(timeout=90)
@@ -102,7 +106,7 @@ def test_dead_rank_of_another_dp_group_is_caught_by_heartbeats_within_60s(refere
     """TP=1 x DP=2: the two ranks share no collective, only the store, so only the watchdog's heartbeats
     (default timeout) can tell rank 0 that rank 1 is gone."""
     out = tmp_path / "out"
-    ranks = launch_ranks(2, reference_job.args(out, "--dp", "2", "--chunk-size", "1"), tmp_path / "logs")
+    ranks = launch_ranks(2, reference_job.args(out, "--dp", "2", "--chunk-size", "1"), tmp_path / "logs", **SLOW)
     wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks", ranks=ranks)
     ranks.signal(signal.SIGKILL, [1])
     exit_after = ranks.wait(timeout=90)
@@ -116,7 +120,7 @@ def test_torchrun_max_restarts_resumes_the_job_in_place_after_a_worker_dies(refe
     out = tmp_path / "out"
     args = reference_job.args(out, "--tp", "2", "--chunk-size", "2")
     log = tmp_path / "torchrun.log"
-    agent = start_torchrun(2, args, log, torchrun_args=("--max-restarts", "1"))
+    agent = start_torchrun(2, args, log, torchrun_args=("--max-restarts", "1"), **SLOW)
     try:
         wait_for(lambda: len(done_chunks(out)) >= 2, timeout=180, what="two finished chunks")
         assert len(done_chunks(out)) < 20, "the job finished before the kill; nothing was tested"

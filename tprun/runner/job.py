@@ -39,6 +39,8 @@ from tprun.runner.progress import Progress, format_summary
 HEARTBEAT_S = float(os.environ.get("TPRUN_HEARTBEAT_S", "2"))
 HEARTBEAT_TIMEOUT_S = float(os.environ.get("TPRUN_HEARTBEAT_TIMEOUT_S", "30"))
 POLL_S = 0.2
+# Test-only: a pause after each written chunk, so tests can interrupt a tiny job between chunks.
+TEST_CHUNK_DELAY_S = float(os.environ.get("TPRUN_TEST_CHUNK_DELAY_S", "0"))
 SHUTDOWN_TIMEOUT_S = 60.0
 
 
@@ -234,6 +236,8 @@ def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
             queued -= 1
         for k in [k for k, c in inflight.items() if c.complete]:  # claim order: deterministic on every rank
             _write_chunk(plan, ctx, inflight.pop(k), stats)
+            if TEST_CHUNK_DELAY_S:
+                time.sleep(TEST_CHUNK_DELAY_S)
         if exhausted and not inflight:
             break
     stats["seconds"] = round(time.monotonic() - t0, 3)
