@@ -7,7 +7,7 @@ allocation), then the more specific cluster launchers, then a single local proce
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from tprun.launchers.base import DistributedArgs, Launcher, LauncherError
 from tprun.launchers.kubernetes import KubernetesLauncher
