@@ -8,26 +8,19 @@ as NaN in its output, and outputs are NaN-poisoned before each run so an unwritt
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import secrets
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not (INTERPRET and importlib.util.find_spec("triton")):
-    pytest.skip(
-        "the Triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 with triton installed, "
-        "to run its kernels in Triton's CPU interpreter)",
-        allow_module_level=True,
-    )
+from tests.triton_support import DEVICE, skip_module_without_triton
+
+skip_module_without_triton("the Triton attention backend")
 
 from tprun.worker.attention_metadata import AttentionMetadata  # noqa: E402
 from tprun.worker.layers import attention_cuda as ac  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative L2 error allowed per dtype: bf16/fp16 operands (P is rounded to the input dtype before P@V, as
 # in flash attention), float32 uses IEEE dots.
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}

@@ -7,25 +7,17 @@ GPU: the interpreter has no bfloat16 arithmetic of its own).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not (INTERPRET and importlib.util.find_spec("triton")):
-    pytest.skip(
-        "the fused kernels need a CUDA device (or TRITON_INTERPRET=1 with triton installed, to run them in "
-        "Triton's CPU interpreter)",
-        allow_module_level=True,
-    )
+from tests.triton_support import DEVICE, skip_module_without_triton
+
+skip_module_without_triton("the fused kernels")
 
 from tprun.worker.layers import fused_cuda  # noqa: E402
 from tprun.worker.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
