@@ -7,7 +7,8 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 [ -f demo-model/config.json ] || tprun demo-model demo-model
-torchrun --nproc-per-node 2 --master-port "${MASTER_PORT:-29517}" -m tprun run \
+# --standalone: torchrun picks a free port itself (no fixed port to collide with).
+torchrun --standalone --nproc-per-node 2 -m tprun run \
   --model demo-model --input examples/prompts.jsonl --output out/demo --tp 2 \
   --max-tokens 24 --temperature 0 --overwrite
 echo "--- out/demo/results.jsonl"
