@@ -62,19 +62,24 @@ def test_sigterm_stops_cleanly_for_requeue_and_rerun_completes(reference_job, tm
     assert len({json.loads(x)["id"] for x in reference_job.results.splitlines()}) == 40
 
 
-def test_second_signal_abandons_the_chunk_in_flight_at_once(demo_model, tmp_path):
-    # One chunk that takes many seconds: one sequence at a time, 200 tokens each.
-    inp = write_jsonl(tmp_path / "in.jsonl", job_rows(20))
+def _slow_job(demo_model, tmp_path, records: int, chunk_size: int, first: int, second: int):
+    """One process on chunks that take seconds (one sequence at a time, 200 tokens each); sends `first`
+    once it runs, `second` 0.2 s later. Returns the ranks (ended), the output dir and the job's args."""
+    inp = write_jsonl(tmp_path / "in.jsonl", job_rows(records))
     out = tmp_path / "out"
-    args = run_args(demo_model, inp, out, "--max-tokens", "200", "--ignore-eos", "--chunk-size", "20",
+    args = run_args(demo_model, inp, out, "--max-tokens", "200", "--ignore-eos", "--chunk-size", str(chunk_size),
                     "--engine", "max_num_seqs=1")
     ranks = launch_ranks(1, args, tmp_path / "logs")
-    wait_for(lambda: "running 20 of 20 records" in ranks.output(), timeout=120, what="the job to start",
-             ranks=ranks)
-    ranks.signal(signal.SIGTERM)
+    wait_for(lambda: f"running {records} of {records} records" in ranks.output(), timeout=120,
+             what="the job to start", ranks=ranks)
+    ranks.signal(first)
     time.sleep(0.2)
-    ranks.signal(signal.SIGTERM)
-    exit_after = ranks.wait(timeout=60)
+    ranks.signal(second)
+    return ranks, ranks.wait(timeout=120), out, args
+
+
+def test_second_signal_abandons_the_chunk_in_flight_at_once(demo_model, tmp_path):
+    ranks, exit_after, out, args = _slow_job(demo_model, tmp_path, 20, 20, signal.SIGTERM, signal.SIGTERM)
     assert ranks.codes == [EXIT_REQUEUE], ranks.output()
     assert exit_after[0] < 5
     assert "SIGTERM again: abandoning the chunk(s) in flight" in ranks.output()
@@ -88,17 +93,7 @@ def test_second_signal_abandons_the_chunk_in_flight_at_once(demo_model, tmp_path
 
 def test_term_then_usr2_is_one_stop_that_still_finishes_the_chunk(demo_model, tmp_path):
     """submitit's interrupt and Slurm's preemption announce one stop with two different signals."""
-    inp = write_jsonl(tmp_path / "in.jsonl", job_rows(8))
-    out = tmp_path / "out"
-    args = run_args(demo_model, inp, out, "--max-tokens", "200", "--ignore-eos", "--chunk-size", "4",
-                    "--engine", "max_num_seqs=1")
-    ranks = launch_ranks(1, args, tmp_path / "logs")
-    wait_for(lambda: "running 8 of 8 records" in ranks.output(), timeout=120, what="the job to start",
-             ranks=ranks)
-    ranks.signal(signal.SIGTERM)
-    time.sleep(0.2)
-    ranks.signal(signal.SIGUSR2)
-    ranks.wait(timeout=120)
+    ranks, _, out, _ = _slow_job(demo_model, tmp_path, 8, 4, signal.SIGTERM, signal.SIGUSR2)
     assert ranks.codes == [EXIT_REQUEUE], ranks.output()
     assert "SIGUSR2 too: already stopping (SIGTERM)" in ranks.output()
     assert done_chunks(out) == [0], "the chunk in flight is finished and written, the next one not started"
