@@ -17,8 +17,17 @@ def free_port() -> int:
     return local_free_port()
 
 
+# A child must not inherit the launcher the test suite itself may run under (a Slurm job, a pod, torchrun):
+# the adapters would read it instead of what the test sets.
+LAUNCHER_PREFIXES = ("TPRUN_", "SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_", "LWS_")
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "JOB_COMPLETION_INDEX")
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARS}
+    return {**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:

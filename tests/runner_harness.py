@@ -8,7 +8,6 @@ which is exactly what the runner's no-hang and requeue behaviour must be judged 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.procs import free_port
+from tests.procs import child_env, free_port, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -58,15 +57,7 @@ class ReferenceJob:
         return run_args(self.model, self.input, out, *SAMPLING, *extra)
 
 
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TPRUN_", "SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "JOB_COMPLETION_INDEX")}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+base_env = child_env  # the name the runner tests use
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -92,14 +83,13 @@ def run_args(model: Path, inp: Path, out: Path, *extra: str) -> list[str]:
 
 def run_cli(args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """`python -m tprun run ARGS` as a single process."""
-    return subprocess.run([sys.executable, "-m", "tprun", "run", *args], check=False, env=base_env(**env), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return run([sys.executable, "-m", "tprun", "run", *args], timeout, base_env(**env), cwd=ROOT)
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
     cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "tprun", "run", *args]
-    return subprocess.run(cmd, check=False, env=base_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run(cmd, timeout, base_env(**env), cwd=ROOT)
 
 
 @dataclass

@@ -48,15 +48,8 @@ def test_impossible_environments_are_clear_errors(env, message):
         distributed_args(env)
 
 
-def _cli_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in child_env().items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "LWS_", "TPRUN_", "JOB_COMPLETION"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, **extra}
-
-
 def test_tprun_env_json_reports_what_the_adapters_detect():
-    out = subprocess.run([sys.executable, "-m", "tprun", "env", "--json"], env=_cli_env(TORCHRUN_NODE1_WORKER),
+    out = subprocess.run([sys.executable, "-m", "tprun", "env", "--json"], env=child_env(**TORCHRUN_NODE1_WORKER),
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     info = json.loads(out)
     assert {k: info[k] for k in ("launcher", "rank", "local_rank", "world_size", "master_addr", "master_port",
@@ -67,6 +60,6 @@ def test_tprun_env_json_reports_what_the_adapters_detect():
 
 def test_tprun_env_rejects_rank_beyond_world_size():
     r = subprocess.run([sys.executable, "-m", "tprun", "env", "--json"],
-                       env=_cli_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}), cwd=ROOT,
+                       env=child_env(RANK="2", WORLD_SIZE="2", MASTER_ADDR="h"), cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "rank 2 is outside the world of 2" in r.stderr
