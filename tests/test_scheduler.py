@@ -61,6 +61,17 @@ def test_prompt_longer_than_model_or_cache_fails_alone():
     assert too_big.finish_reason == "error" and "KV-cache blocks" in too_big.error
     assert empty.finish_reason == "error" and "empty" in empty.error
     assert list(sched.waiting) == [fine]
+    assert sched.finished_early == [too_long, too_big, empty], "refused requests are reported, in order"
+
+
+def test_token_id_outside_the_vocabulary_is_refused():
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=32,
+                      vocab_size=100)
+    seq = _seq(0, 3, 2)
+    seq.prompt_token_ids[1] = 100
+    sched.add(seq)
+    assert seq.finish_reason == "error" and "prompt token id 100 is outside the vocabulary [0, 100)" in seq.error
+    assert not sched.waiting and sched.finished_early == [seq]
 
 
 def test_request_that_outgrows_the_whole_cache_ends_with_an_error_instead_of_looping():

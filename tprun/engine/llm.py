@@ -87,11 +87,8 @@ class LLM:
 
     def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, default_seed: int | None) -> None:
         text, ids = self._tokenize(prompt)
-        engine = self.llm_engine
-        seq = engine.add_request(ids, params, default_seed=default_seed)
+        seq = self.llm_engine.add_request(ids, params, default_seed=default_seed)
         self._pending[seq.seq_id] = (request_id, text)
-        if seq.is_finished:  # refused at once (e.g. too long): reported by the next step()
-            engine.finished_on_add.append(seq)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = False):
         batch = messages if messages and isinstance(messages[0], list) else [messages]

@@ -30,11 +30,10 @@ class LLMEngine:
         self.executor.initialize_cache(num_blocks)
         self.scheduler = Scheduler(
             BlockManager(num_blocks, config.block_size), config.max_num_seqs,
-            max(config.max_num_batched_tokens, self.max_model_len), self.max_model_len,
+            max(config.max_num_batched_tokens, self.max_model_len), self.max_model_len, self.vocab_size,
         )
         self._ids = itertools.count()
         self._finished_since_step: list[int] = []
-        self.finished_on_add: list[Sequence] = []  # refused when added; reported by the next step
 
     @property
     def num_blocks(self) -> int:
@@ -49,22 +48,16 @@ class LLMEngine:
             stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
         )
         seq = Sequence(seq_id, list(prompt_token_ids), options, self.eos_token_ids)
-        bad = [t for t in seq.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            # At TP > 1 an out-of-range id would silently embed as zeros: refuse it here.
-            seq.finish("error", f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        else:
-            self.scheduler.add(seq)
+        self.scheduler.add(seq)  # a refused request finishes with an error, reported by the next step
         return seq
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.finished_on_add)
+        return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
         """Schedule, run the model, post-process; returns the sequences that finished."""
-        finished, self.finished_on_add = self.finished_on_add, []
         batch = self.scheduler.schedule()
-        finished += self._drain_early()
+        finished, self.scheduler.finished_early = self.scheduler.finished_early, []
         if batch is None:
             if self.scheduler.has_unfinished() and not finished:
                 raise RuntimeError("scheduler made no progress with requests pending (a bug)")
@@ -76,10 +69,6 @@ class LLMEngine:
         finished += self.scheduler.postprocess(batch, token_ids)
         self._finished_since_step += [s.seq_id for s in finished]
         return finished
-
-    def _drain_early(self) -> list[Sequence]:
-        early, self.scheduler.finished_early = self.scheduler.finished_early, []
-        return early
 
     def shutdown(self) -> None:
         self.executor.shutdown()

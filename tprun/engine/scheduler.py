@@ -22,20 +22,23 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, vocab_size: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
-        self.finished_early: list[Sequence] = []  # failed while scheduling; the engine collects them
+        # Refused when added, or failed while scheduling: the engine reports them from its next step.
+        self.finished_early: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         problem = self._reject_reason(seq)
         if problem:
             seq.finish("error", problem)
+            self.finished_early.append(seq)
             return
         self.waiting.append(seq)
 
@@ -43,6 +46,10 @@ class Scheduler:
         n = seq.num_prompt_tokens
         if n == 0:
             return "the prompt is empty (0 tokens); give at least one token"
+        if self.vocab_size is not None and (bad := [t for t in seq.prompt_token_ids
+                                                    if not 0 <= t < self.vocab_size]):
+            # At TP > 1 an out-of-range id would silently embed as zeros: refuse it here.
+            return f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         if n >= self.max_model_len:
             return (f"the prompt has {n} tokens but the model allows at most {self.max_model_len} "
                     f"(prompt plus at least one generated token); shorten the prompt")
@@ -53,7 +60,7 @@ class Scheduler:
         return None
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.finished_early)
 
     def schedule(self) -> ScheduledBatch | None:
         return self._schedule_prefill() or self._schedule_decode()
