@@ -38,7 +38,12 @@ class HFResult:
 def load_hf_model(model_dir: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    # Straight onto the device where transformers can: a 61 GB checkpoint would not fit twice in host memory.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=device if device != "cpu" else None)
+    except (ImportError, ValueError):  # a transformers that wants accelerate for device_map
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # ignore_eos: every request runs to its length
     return model

@@ -8,6 +8,7 @@ vocabulary is the model's ("t0" ... "tN"), so every token id decodes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_theta": 500_000.0, "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5,
     },
+    # MoE: every layer sparse, 128 experts, 8 routed per token; about 30.5B parameters (61 GB in bf16).
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False, "rope_theta": 1_000_000.0,
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    },
     # CI-sized: a few seconds per request on two CPU cores, yet GQA and several layers.
     "small": {
         "model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
@@ -38,14 +47,27 @@ SHAPES: dict[str, dict[str, Any]] = {
 MARKER = "bench_shape.json"
 
 
-def word_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def bench_tokenizer(vocab_size: int):
+    """A byte-level tokenizer filling the model's vocabulary: ids 0-2 special, then the 256 bytes, then
+    two- and three-byte tokens. Real text decodes and grammars (structured output) compile against it; the bench
+    feeds token ids, so how it would split text does not matter."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", pad_token="t2",
-                                   unk_token="t0")
+    chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + [chr(c) for c in range(174, 256)]
+    chars += [chr(c) for c in range(256, 256 + 256 - len(chars))]  # GPT-2's byte-to-unicode table
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for n in (2, 3):
+        for parts in itertools.product(chars, repeat=n):
+            if len(vocab) >= vocab_size:
+                break
+            vocab["".join(parts)] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def make_bench_model(shape: str, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -68,8 +90,8 @@ def make_bench_model(shape: str, out_dir: str | Path, dtype: torch.dtype = torch
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU takes seconds where the CPU takes minutes
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(out_dir)
-    tokenizer = word_tokenizer(config.vocab_size)
+    model.save_pretrained(out_dir, max_shard_size="5GB")  # each shard is serialised in host memory first
+    tokenizer = bench_tokenizer(config.vocab_size)
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out_dir)
     marker.write_text(json.dumps(stamp))  # last: a crash mid-write leaves no marker

@@ -4,6 +4,12 @@ Bandwidth B: a large device-to-device copy, bytes read + written over time. Peak
 matmul on random data (on CPU a smaller float32 one, so CI-sized runs finish). Floor = max(total FLOPs / P,
 (max_output_len * weight_bytes + KV bytes read by decode) / B).
 
+Mixture-of-Experts shapes count what a step touches instead: FLOPs of the active parameters (attention,
+router, the k routed experts), and per step the dense weights (attention, norms, routers, embeddings) plus
+the experts that the step's tokens route to. With random routers routing is close to uniform, so a step of
+batch b touches E * (1 - (1 - k/E)^b) experts per layer in expectation (8 of 128 at batch 1, nearly all at
+256); step j's batch is the number of requests with more than j output tokens (all requests run at once).
+
     python benchmarks/roofline.py [--device cuda|cpu]     # prints the ceilings as JSON
 """
 
@@ -73,21 +79,49 @@ class ModelCost:
     params: int
     weight_bytes: int
     kv_bytes_per_token: int  # layers * kv_heads * head_dim * 2 (K and V) * dtype bytes
+    # Mixture of Experts (0 for dense models): what a step touches depends on its batch (step_weight_bytes).
+    active_params: int = 0  # per token: everything but the experts, plus k experts per sparse layer
+    moe_layers: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_bytes: int = 0  # one expert of one layer (gate, up, down)
 
 
 def model_cost(config, dtype_bytes: int) -> ModelCost:
-    """Parameter count and KV bytes per token from an HF config of the Llama family."""
+    """Parameter count and KV bytes per token from an HF config of the Llama family or Qwen3-MoE."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or h // nh
-    per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * inter + 2 * h
+    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 2 * h
     if getattr(config, "attention_bias", False):
-        per_layer += nh * hd + 2 * nkv * hd
-    if config.model_type == "qwen3":
-        per_layer += 2 * hd  # q_norm, k_norm
+        attn += nh * hd + 2 * nkv * hd
+    if config.model_type in ("qwen3", "qwen3_moe"):
+        attn += 2 * hd  # q_norm, k_norm
     embed = config.vocab_size * h
-    params = layers * per_layer + h + embed * (1 if config.tie_word_embeddings else 2)
-    return ModelCost(params, params * dtype_bytes, layers * nkv * hd * 2 * dtype_bytes)
+    outer = h + embed * (1 if config.tie_word_embeddings else 2)
+    kv = layers * nkv * hd * 2 * dtype_bytes
+    if config.model_type != "qwen3_moe":
+        params = layers * (attn + 3 * h * inter) + outer
+        return ModelCost(params, params * dtype_bytes, kv)
+    sparse = [i not in (config.mlp_only_layers or []) and (i + 1) % config.decoder_sparse_step == 0
+              for i in range(layers)]
+    moe_layers = sum(sparse)
+    e, k, expert = config.num_experts, config.num_experts_per_tok, 3 * h * config.moe_intermediate_size
+    dense = layers * attn + (layers - moe_layers) * 3 * h * inter + moe_layers * h * e + outer
+    params = dense + moe_layers * e * expert
+    return ModelCost(params, params * dtype_bytes, kv, dense + moe_layers * k * expert, moe_layers, e, k,
+                     expert * dtype_bytes)
+
+
+def step_weight_bytes(cost: ModelCost, batch: int) -> float:
+    """Weight bytes one forward step of `batch` tokens reads: all of them for a dense model; for MoE the
+    dense part and the expected number of distinct experts its tokens route to (uniform routing)."""
+    if not cost.moe_layers:
+        return cost.weight_bytes
+    e, k = cost.num_experts, cost.experts_per_token
+    touched = e * (1 - (1 - k / e) ** batch)
+    all_experts = cost.moe_layers * e * cost.expert_bytes
+    return cost.weight_bytes - all_experts + cost.moe_layers * touched * cost.expert_bytes
 
 
 def decode_kv_bytes(requests: list[tuple[int, int]], kv_bytes_per_token: int) -> int:
@@ -108,9 +142,14 @@ class Floor:
 def floor(cost: ModelCost, requests: list[tuple[int, int]], ceilings: Ceilings, num_devices: int = 1) -> Floor:
     """BENCH.md's floor for requests [(prompt_len, output_len)]; num_devices multiplies both ceilings."""
     total_tokens = sum(p + o for p, o in requests)
-    flops = 2 * cost.params * total_tokens
+    flops = 2 * (cost.active_params or cost.params) * total_tokens
     max_out = max(o for _, o in requests)
-    mem = max_out * cost.weight_bytes + decode_kv_bytes(requests, cost.kv_bytes_per_token)
+    if cost.moe_layers:  # step j runs the requests with more than j output tokens
+        outs = [o for _, o in requests]
+        weights = sum(step_weight_bytes(cost, sum(o > j for o in outs)) for j in range(max_out))
+    else:
+        weights = max_out * cost.weight_bytes
+    mem = weights + decode_kv_bytes(requests, cost.kv_bytes_per_token)
     compute_s = flops / (ceilings.matmul_flops * num_devices)
     memory_s = mem / (ceilings.bandwidth * num_devices)
     return Floor(max(compute_s, memory_s), compute_s, memory_s, flops, mem)

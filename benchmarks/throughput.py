@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from hf_baseline import hf_generate, load_hf_model  # noqa: E402
-from models import MARKER, make_bench_model  # noqa: E402
-from roofline import floor, measure_ceilings, model_cost  # noqa: E402
+from models import MARKER, SHAPES, make_bench_model  # noqa: E402
+from roofline import floor, measure_ceilings, model_cost, step_weight_bytes  # noqa: E402
 from workload import Request, bench_requests  # noqa: E402
 
 CPU_DEFAULTS = {"num_requests": 16, "input_len": (16, 96), "output_len": (16, 96), "hf_requests": 16,
@@ -43,7 +43,7 @@ GPU_DEFAULTS = {"num_requests": 256, "input_len": (100, 1024), "output_len": (10
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", choices=["qwen3-0.6b", "llama3-8b", "small"], default=None)
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None)
     p.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
     p.add_argument("--num-requests", type=int)
     p.add_argument("--input-len", type=int, nargs=2)
@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a decode-heavy run")
     p.add_argument("--cprofile", action="store_true", help="print the host-side Python hot spots of that run")
+    p.add_argument("--variants", nargs="*", default=[], choices=["greedy", "sampled", "json", "logprobs"],
+                   help="also time these variants of the workload on the same engine (benchmarks/variants.py)")
     args = p.parse_args()
     defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -98,6 +100,9 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
     llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)] * len(prompts))
     sync(args.device)
     prefill_s = time.perf_counter() - t0
+    # The prompts are unique, but the prefill-only run above just cached them all: the timed run must not
+    # find them (the shared-prefix variant, benchmarks/shared_prefix.py, measures what caching saves).
+    llm.llm_engine.scheduler.block_manager.reset_prefix_cache()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(args.device)
@@ -116,6 +121,10 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
         result["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if args.batch1_tokens:
         result["batch1_ms_per_token"] = batch1_latency(llm, requests[0], args.batch1_tokens, args.device)
+    if args.variants:
+        from variants import run_variants
+
+        result["variants"] = run_variants(llm, requests, args.variants, lambda: sync(args.device))
     runner = llm.llm_engine.executor.worker.runner
     if runner.graphs:
         result["graph_replay"] = replay_cost(runner)
@@ -282,7 +291,7 @@ def main() -> None:
     tp |= {"output_tok_s": out_tokens / tp["seconds"], "total_tok_s": total_tokens / tp["seconds"],
            "roofline_pct": 100 * fl.seconds / tp["seconds"]}
     if "batch1_ms_per_token" in tp:
-        bound_ms = cost.weight_bytes / devices / ceilings.bandwidth * 1e3
+        bound_ms = step_weight_bytes(cost, 1) / devices / ceilings.bandwidth * 1e3  # MoE: k experts a layer
         tp |= {"batch1_bound_ms": bound_ms, "batch1_hbm_pct": 100 * bound_ms / tp["batch1_ms_per_token"]}
     if hf is not None:
         hf_floor = floor(cost, lens[: args.hf_requests], ceilings, 1)

@@ -1,7 +1,11 @@
 """One rank of the chunk-claiming protocol with fake work, launched by torchrun; writes rank<R>.json.
 
-TP groups of 2 over gloo and the job's TCPStore, as the engine sets them up; group 1 works slower, so
-group 0 should come back for more. No model: only ChunkClaimer is under test.
+TP groups of 2 over gloo and the job's TCPStore, as the engine sets them up. No model: only ChunkClaimer
+is under test. Which group is slow is decided by events in the store, not by sleeps, so a busy machine
+cannot change the outcome:
+  without a stop: group 0 holds its first chunk until group 1 has one, which group 1 holds until group 0
+                  found no chunk left (group 0 takes all the rest);
+  with a stop:    group 0 holds its first chunk until the stop is in the store (it stops at its next boundary).
 
 Usage: chunks_check.py OUT_DIR NUM_CHUNKS DONE_CHUNKS(comma list) STOP_RANK STOP_AFTER
   STOP_RANK/STOP_AFTER: that rank raises its stop flag after it has worked STOP_AFTER chunks (-1: never).
@@ -13,15 +17,18 @@ import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch.distributed as dist
 
+from tprun.runner import keys
 from tprun.runner.chunks import ChunkClaimer
 from tprun.runner.signals import StopFlag
 
 TP = 2
+HOLD = datetime.timedelta(seconds=60)  # generous: only a broken claimer waits this long
+CLAIMED = "test/group1-claimed"
+EXHAUSTED = "test/group0-exhausted"
 
 
 def main() -> None:
@@ -36,11 +43,19 @@ def main() -> None:
     claimer = ChunkClaimer(store, num_chunks=num_chunks, is_done=lambda k: k in done, tp_rank=rank % TP,
                            tp_size=TP, tp_group=groups[rank // TP], stop=stop)
     worked: list[int] = []
+    group = rank // TP
     while (k := claimer.next()) is not None:
         worked.append(k)
-        time.sleep(0.02 if rank // TP == 0 else 0.15)
+        if len(worked) == 1 and stop_rank < 0:
+            if group == 1:
+                store.set(CLAIMED, "1")
+            store.wait([EXHAUSTED if group == 1 else CLAIMED], HOLD)
+        if len(worked) == 1 and stop_rank >= 0 and group != stop_rank // TP:
+            store.wait([keys.STOP], HOLD)
         if rank == stop_rank and len(worked) == stop_after:
             stop.request("test")
+    if group == 0 and rank % TP == 0:
+        store.set(EXHAUSTED, "1")
     (out / f"rank{rank}.json").write_text(json.dumps({"worked": worked, "stopped": claimer.stopped}))
     dist.barrier()
     dist.destroy_process_group()

@@ -6,50 +6,59 @@ Writes OUT_DIR/rank<R>.json: {model_dir: {scenario: {...}}, "sha256": digest of 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 from pathlib import Path
 
-from tests.engine_prompts import PROMPT_LENGTHS, make_prompts
+from tests.engine_prompts import PROMPT_LENGTHS, make_prompts, make_shared_prefix_prompts
+from tests.rank_results import write_rank_results
 from tprun import LLM, SamplingParams
 
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+# 24 blocks of 4 tokens cannot hold the prompts at once: the scheduler must preempt (and, with prefix
+# caching, evict); 16 tokens a step split the longer prompts into chunks that share steps with decodes.
+SMALL = {"block_size": 4, "num_gpu_blocks_override": 24}
 SCENARIOS = {
-    # name: (engine kwargs, sampling kwargs)
-    "greedy": ({}, {"temperature": 0.0, "max_tokens": 12}),
-    # 24 blocks of 4 tokens cannot hold the 8 prompts at once: the scheduler must preempt.
-    "preempt": ({"block_size": 4, "num_gpu_blocks_override": 24}, {"temperature": 0.0, "max_tokens": 12}),
-    "sampled": ({}, {"temperature": 0.8, "top_p": 0.9, "max_tokens": 12, "seed": 1234}),
+    # name: (engine kwargs, sampling kwargs, prompts); prefix caching is on unless said otherwise.
+    "greedy": ({}, GREEDY, "plain"),
+    "preempt": (SMALL, GREEDY, "plain"),
+    "sampled": ({}, {"temperature": 0.8, "top_p": 0.9, "max_tokens": 12, "seed": 1234}, "plain"),
+    "shared": ({**SMALL, "max_num_batched_tokens": 16}, GREEDY, "shared"),
+    "shared_nocache": ({**SMALL, "max_num_batched_tokens": 16, "enable_prefix_caching": False}, GREEDY, "shared"),
 }
+PROMPTS = {"plain": lambda vocab: make_prompts(vocab, PROMPT_LENGTHS), "shared": make_shared_prefix_prompts}
+
+
+def _params(sampling: dict, n: int) -> list[SamplingParams]:
+    return [SamplingParams(**{**sampling, **({"seed": sampling["seed"] + i} if "seed" in sampling else {})})
+            for i in range(n)]
 
 
 def run_model(model_dir: str, tp: int) -> dict:
     results = {}
-    for name, (engine_kwargs, sampling) in SCENARIOS.items():
+    for name, (engine_kwargs, sampling, prompt_set) in SCENARIOS.items():
         with LLM(model=model_dir, tensor_parallel_size=tp, dtype="float64", **engine_kwargs) as llm:
-            prompts = make_prompts(llm.tokenizer.vocab_size, PROMPT_LENGTHS)
-            params = [SamplingParams(**{**sampling, **({"seed": sampling["seed"] + i} if "seed" in sampling else {})})
-                      for i in range(len(prompts))]
-            outs = llm.generate(prompts, params)
+            prompts = PROMPTS[prompt_set](llm.tokenizer.vocab_size)
+            outs = llm.generate(prompts, _params(sampling, len(prompts)))
             entry = {"token_ids": [o.outputs[0].token_ids for o in outs],
                      "finish_reasons": [o.outputs[0].finish_reason for o in outs],
                      "preemptions": llm.llm_engine.scheduler.num_preemptions,
+                     "cached_prompt_tokens": llm.llm_engine.scheduler.num_cached_prompt_tokens,
+                     "evictions": llm.llm_engine.scheduler.block_manager.num_evictions,
                      "num_blocks": llm.llm_engine.num_blocks}
             if name == "sampled":
-                entry["second_run"] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                again = llm.generate(prompts, _params(sampling, len(prompts)))
+                entry["second_run"] = [o.outputs[0].token_ids for o in again]
+            if name == "shared":  # the "sampled" requests again, in chunks of 16 tokens, with preemption
+                plain = PROMPTS["plain"](llm.tokenizer.vocab_size)
+                sampled = llm.generate(plain, _params(SCENARIOS["sampled"][1], len(plain)))
+                entry["sampled_chunked"] = [o.outputs[0].token_ids for o in sampled]
             results[name] = entry
     return results
 
 
 def main() -> None:
     out, tp, models = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    results = {m: run_model(m, tp) for m in models}
-    blob = json.dumps(results, sort_keys=True)
-    rank = int(os.environ.get("RANK", "0"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{rank}.json").write_text(json.dumps({"results": results,
-                                                      "sha256": hashlib.sha256(blob.encode()).hexdigest()}))
+    write_rank_results(out, {m: run_model(m, tp) for m in models})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 It serves the few endpoints `tprun.submit(..., backend="kubernetes")` uses, validates every body it
 is sent the way the real API server would (the OpenAPI schema, strictly, and the field rules of
-tprun.launchers.k8s_checks), answers with the API's status codes and Status objects, and records
+tprun.cluster.k8s_checks), answers with the API's status codes and Status objects, and records
 every request. Nothing plays the Job controller: a test moves a Job along with `set_job_status`
 and `add_pod`.
 """
@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import kubernetes_validate
 
-from tprun.launchers.k8s_checks import check_manifests
+from tprun.cluster.k8s_checks import check_manifests
 
 SCHEMA_VERSION = "1.31.0"
 ROUTES = {  # (API prefix, plural) -> (apiVersion, kind)
@@ -28,8 +28,9 @@ ROUTES = {  # (API prefix, plural) -> (apiVersion, kind)
     ("/api/v1", "services"): ("v1", "Service"),
     ("/api/v1", "pods"): ("v1", "Pod"),
     ("/apis/batch/v1", "jobs"): ("batch/v1", "Job"),
+    ("/apis/networking.k8s.io/v1", "networkpolicies"): ("networking.k8s.io/v1", "NetworkPolicy"),
 }
-PATH = re.compile(r"^(?P<prefix>/api/v1|/apis/batch/v1)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)"
+PATH = re.compile(r"^(?P<prefix>/api/v1|/apis/batch/v1|/apis/networking\.k8s\.io/v1)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)"
                   r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>status|log))?$")
 
 

@@ -4,7 +4,7 @@ No kubelet can run here, so this plays the parts of the Job controller, the kube
 for the manifests `tprun render k8s` writes, and nothing else. For each completion index i:
 - the container's command and env come from the Job manifest; downward-API fields are resolved,
   JOB_COMPLETION_INDEX is set, as the Job controller and kubelet do;
-- the pod gets its own network namespace (a veth on a bridge, its own IP), UTS namespace (hostname
+- the pod gets its own network namespace (a veth on a bridge, its own IP, its net.* sysctls), UTS namespace (hostname
   `<job>-<i>`) and mount namespace: its own /etc/hosts and /etc/resolv.conf, the ConfigMap at its
   mount path, PVC volumes bind-mounted from local directories, emptyDirs as tmpfs, a read-only root
   filesystem when the manifest asks for one, and the securityContext's uid, gid and groups;
@@ -16,9 +16,11 @@ Needs root, `ip` (iproute2), and nsenter/unshare/setpriv (util-linux).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -71,12 +73,16 @@ class LocalPods:
 
     def __post_init__(self) -> None:
         kinds = {d["kind"]: d for d in self.docs}
-        self.job, self.configmap = kinds["Job"], kinds.get("ConfigMap")
+        # A LeaderWorkerSet (independent groups) plays the Job's part: replicas x size pods, pod i being
+        # worker i % size of group i // size, on the set's shared headless Service (subdomain = its name).
+        self.lws = kinds.get("LeaderWorkerSet")
+        self.job, self.configmap = self.lws or kinds["Job"], kinds.get("ConfigMap")
         self.namespace = self.job["metadata"].get("namespace", "default")
-        self.template = self.job["spec"]["template"]
+        self.template = (self.lws["spec"]["leaderWorkerTemplate"]["workerTemplate"] if self.lws
+                         else self.job["spec"]["template"])
         self.pod_spec = self.template["spec"]
         self.container = self.pod_spec["containers"][0]
-        self.subdomain = self.pod_spec.get("subdomain")
+        self.subdomain = self.job["metadata"]["name"] if self.lws else self.pod_spec.get("subdomain")
         self.tag = f"{random.randrange(16**4):04x}"
         self.bridge = f"{PREFIX}{self.tag}b"
         self.subnet = _free_subnet()
@@ -91,7 +97,8 @@ class LocalPods:
 
     def start(self, withhold_dns: set[int] = frozenset()) -> None:
         """Create the network, then start every pod; pods in `withhold_dns` are not yet in DNS."""
-        n = self.job["spec"]["completions"]
+        n = (self.lws["spec"]["replicas"] * self.lws["spec"]["leaderWorkerTemplate"]["size"] if self.lws
+             else self.job["spec"]["completions"])
         self._ip("link", "add", self.bridge, "type", "bridge")
         self._links.append(self.bridge)
         self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
@@ -100,8 +107,9 @@ class LocalPods:
         for i in range(n):
             root = self.workdir / f"pod-{i}"
             root.mkdir(parents=True)
-            pod = Pod(i, f"{name}-{i}-{''.join(random.choices('bcdfghjklmnpqrstvwxz2456789', k=5))}", f"{name}-{i}", f"{self.subnet}.{10 + i}",
-                      f"{PREFIX}{self.tag}-{i}", root)
+            hostname = lws_hostname(self.lws, i) if self.lws else f"{name}-{i}"
+            pod_name = hostname if self.lws else f"{name}-{i}-{''.join(random.choices('bcdfghjklmnpqrstvwxz2456789', k=5))}"
+            pod = Pod(i, pod_name, hostname, f"{self.subnet}.{10 + i}", f"{PREFIX}{self.tag}-{i}", root)
             self._network(pod)
             self.pods.append(pod)
         self.published = set(range(n)) - set(withhold_dns)
@@ -129,6 +137,22 @@ class LocalPods:
     def logs(self) -> str:
         return "".join(f"==> {p.name} <==\n{p.log.read_text(errors='replace') if p.log.exists() else ''}"
                        for p in self.pods)
+
+    def tcp_sockets(self) -> dict[int, set[Socket]]:
+        """Per pod index, the TCP sockets of its network namespace now (what `ss -tn` would list there)."""
+        out: dict[int, set[Socket]] = {}
+        for pod in self.pods:
+            found: set[Socket] = set()
+            for table in ("tcp", "tcp6"):
+                try:  # /proc/PID/net is the network namespace of PID: the pod's
+                    lines = Path(f"/proc/{pod.proc.pid}/net/{table}").read_text().splitlines()[1:]
+                except OSError:  # the pod has exited
+                    continue
+                for line in lines:
+                    local, remote, state = line.split()[1:4]
+                    found.add(Socket(*_address(local), *_address(remote), TCP_STATES.get(state, state)))
+            out[pod.index] = found
+        return out
 
     def kill(self) -> None:
         for pod in self.pods:
@@ -168,7 +192,7 @@ class LocalPods:
         for other in self.pods:
             if other.index in self.published:
                 names = [self._fqdn(other.hostname), f"{other.hostname}.{self.subdomain}.{self.namespace}.svc",
-                         f"{other.hostname}.{self.subdomain}"]
+                         f"{other.hostname}.{self.subdomain}.{self.namespace}", f"{other.hostname}.{self.subdomain}"]
                 lines.append(f"{other.ip}\t" + "\t".join(names))
         with open(pod.root / "hosts", "w") as f:  # same inode: the bind mount sees the change
             f.write("\n".join(lines) + "\n")
@@ -177,6 +201,8 @@ class LocalPods:
         return f"{hostname}.{self.subdomain}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
 
     def _env(self, pod: Pod) -> dict[str, str]:
+        if self.lws:
+            return lws_pod_env(self.lws, pod.index, pod_ip=pod.ip, path=self.path)
         return pod_env(self.job, pod.index, pod_name=pod.name, pod_ip=pod.ip, path=self.path)
 
     def _mounts(self, pod: Pod) -> list[tuple[str, str, str]]:
@@ -221,7 +247,7 @@ class LocalPods:
 
     def _launch(self, pod: Pod) -> subprocess.Popen:
         sc = {**self.pod_spec.get("securityContext", {}), **self.container.get("securityContext", {})}
-        script = ["set -e", f"hostname {pod.hostname}"]
+        script = ["set -e", f"hostname {pod.hostname}", *self._sysctls()]
         tmpfs = []
         for kind, source, target in self._mounts(pod):
             self._ensure_mountpoint(Path(target), is_file=Path(source).is_file())
@@ -257,6 +283,17 @@ class LocalPods:
                 ["nsenter", f"--net=/run/netns/{pod.netns}", "unshare", "--uts", "--mount", "--propagation",
                  "private", "--", "/bin/sh", "-c", "\n".join(script), "pod", *argv],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _sysctls(self) -> list[str]:
+        """The pod's securityContext.sysctls, as the kubelet sets them: in the pod's own network namespace
+        (only net.* ones are namespaced here; anything else would change the host)."""
+        out = []
+        for sysctl in self.pod_spec.get("securityContext", {}).get("sysctls", []):
+            name, value = sysctl["name"], sysctl["value"]
+            if not re.fullmatch(r"net\.[a-z0-9_.]+", name):
+                raise ValueError(f"local pods set only net.* sysctls (namespaced per pod), not {name!r}")
+            out.append(f"echo {shlex.quote(value)} > /proc/sys/{name.replace('.', '/')}")
+        return out
 
     @staticmethod
     def _expose_interpreter(pod: Pod) -> list[str]:
@@ -324,14 +361,41 @@ def pod_env(job: dict, index: int, *, pod_name: str, pod_ip: str, path: str = "/
     runtime's variables, JOB_COMPLETION_INDEX from the Job controller, then the manifest's env with
     downward-API fields resolved."""
     template, namespace = job["spec"]["template"], job["metadata"].get("namespace", "default")
-    pod_spec = template["spec"]
     labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/job-name": job["metadata"]["name"],
               "batch.kubernetes.io/job-completion-index": str(index)}
     annotations = {"batch.kubernetes.io/job-completion-index": str(index)}
-    fields = {"metadata.name": pod_name, "metadata.namespace": namespace, "status.podIP": pod_ip,
-              "spec.nodeName": "local", "spec.serviceAccountName": pod_spec.get("serviceAccountName", "default")}
     hostname = f"{job['metadata']['name']}-{index}"
     env = {"PATH": path, "HOSTNAME": hostname, "JOB_COMPLETION_INDEX": str(index)}
+    return _manifest_env(template["spec"], env, labels, annotations, pod_name, namespace, pod_ip)
+
+
+def lws_hostname(lws: dict, index: int) -> str:
+    """LWS names the leader of group g `<lws>-<g>` and its worker w `<lws>-<g>-<w>` (pod name = hostname)."""
+    group, worker = divmod(index, lws["spec"]["leaderWorkerTemplate"]["size"])
+    return f"{lws['metadata']['name']}-{group}" + (f"-{worker}" if worker else "")
+
+
+def lws_pod_env(lws: dict, index: int, *, pod_ip: str, path: str = "/usr/bin:/bin") -> dict[str, str]:
+    """What the LWS controller (0.6+) gives pod `index`: LWS_LEADER_ADDRESS (`<leader>.<lws>.<namespace>`),
+    LWS_GROUP_SIZE, LWS_WORKER_INDEX, and its name, group-index and worker-index labels; then the
+    manifest's env with downward-API fields resolved."""
+    name, namespace = lws["metadata"]["name"], lws["metadata"].get("namespace", "default")
+    size = lws["spec"]["leaderWorkerTemplate"]["size"]
+    template = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+    group, worker = divmod(index, size)
+    labels = {**template["metadata"].get("labels", {}), "leaderworkerset.sigs.k8s.io/name": name,
+              "leaderworkerset.sigs.k8s.io/group-index": str(group),
+              "leaderworkerset.sigs.k8s.io/worker-index": str(worker)}
+    annotations = {"leaderworkerset.sigs.k8s.io/size": str(size)}
+    env = {"PATH": path, "HOSTNAME": lws_hostname(lws, index), "LWS_LEADER_ADDRESS": f"{name}-{group}.{name}.{namespace}",
+           "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(worker)}
+    return _manifest_env(template["spec"], env, labels, annotations, lws_hostname(lws, index), namespace, pod_ip)
+
+
+def _manifest_env(pod_spec: dict, env: dict[str, str], labels: dict, annotations: dict, pod_name: str,
+                  namespace: str, pod_ip: str) -> dict[str, str]:
+    fields = {"metadata.name": pod_name, "metadata.namespace": namespace, "status.podIP": pod_ip,
+              "spec.nodeName": "local", "spec.serviceAccountName": pod_spec.get("serviceAccountName", "default")}
     for var in pod_spec["containers"][0].get("env", []):
         if "value" in var:
             env[var["name"]] = _expand(var["value"], env)
@@ -350,6 +414,30 @@ def pod_env(job: dict, index: int, *, pod_name: str, pod_ip: str, path: str = "/
 def _expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined variables are replaced, others left as written."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+@dataclass(frozen=True)
+class Socket:
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    state: str
+
+
+TCP_STATES = {"01": "ESTABLISHED", "0A": "LISTEN"}
+
+
+def _address(text: str) -> tuple[str, int]:
+    """/proc/net/tcp's 'HEXIP:HEXPORT' (the IP in host byte order, little-endian here); IPv4-mapped IPv6
+    addresses come back as IPv4."""
+    ip_hex, port_hex = text.split(":")
+    raw = bytes.fromhex(ip_hex)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port_hex, 16)
 
 
 def _free_subnet() -> str:

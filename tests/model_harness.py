@@ -98,6 +98,48 @@ def prefill_logits_without_cache(model: nn.Module, seqs: list[list[int]]) -> lis
     return [logits[i] for i in range(len(seqs))]
 
 
+def load_hf(model_dir: str, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The transformers reference, as it computes in float64 with two adjustments:
+
+    - MoE experts run transformers' eager loop (its default grouped kernel has no float64);
+    - Gemma 2 runs transformers' eager attention but with the softmax in float64: transformers rounds it to
+      float32 even in float64 runs, so its own cached and uncached logits differ by ~1e-7 (the sum of a
+      float32 softmax depends on the row length), which would hide real errors at the 1e-12 tolerance.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict = {}
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if any(name in config.model_type for name in ("moe", "mixtral", "gpt_oss")):
+        kwargs["experts_implementation"] = "eager"
+    if config.model_type == "gemma2":
+        _register_gemma2_float64_softmax()
+        kwargs["attn_implementation"] = "gemma2_float64_softmax"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **kwargs)
+    return model.eval()
+
+
+def _register_gemma2_float64_softmax() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.models.gemma2.modeling_gemma2 import repeat_kv
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+        # transformers' Gemma 2 eager_attention_forward, softmax in the activations' dtype.
+        key = repeat_kv(key, module.num_key_value_groups)
+        value = repeat_kv(value, module.num_key_value_groups)
+        weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if softcap is not None:
+            weights = torch.tanh(weights / softcap) * softcap
+        if attention_mask is not None:
+            weights = weights + attention_mask
+        weights = torch.nn.functional.softmax(weights, dim=-1)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+    AttentionInterface.register("gemma2_float64_softmax", attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("gemma2_float64_softmax", eager_mask)
+
+
 def hf_logits(hf_model: nn.Module, seq: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(torch.tensor([seq])).logits[0]
@@ -106,3 +148,44 @@ def hf_logits(hf_model: nn.Module, seq: list[int]) -> torch.Tensor:
 def sequences(vocab_size: int, lengths: tuple[int, ...] = (13, 9, 11), seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+# The OCP Microscaling FP4 (E2M1) values, by 4-bit code.
+FP4_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def make_mxfp4_gpt_oss(base, seed: int = 0):
+    """(MXFP4 checkpoint, the same weights dequantised as a float checkpoint transformers loads) for gpt-oss.
+
+    Expert weights are random FP4 codes and E8M0 scales; the reference dequantises them by the MX spec
+    (code value * 2**(scale - 127), low nibble first), written independently of the loader under test.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from tprun.demo_model import make_demo_model
+
+    ref = make_demo_model(Path(base) / "reference", arch="gpt_oss", seed=seed, intermediate_size=96)
+    mx = Path(base) / "mxfp4"
+    shutil.copytree(ref, mx)
+    tensors = load_file(str(ref / "model.safetensors"))
+    packed, gen = dict(tensors), torch.Generator().manual_seed(seed)
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, in_features, out_features = tensors[key].shape
+        blocks = torch.randint(0, 256, (e, out_features, in_features // 32, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(122, 128, (e, out_features, in_features // 32), generator=gen, dtype=torch.uint8)
+        codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(e, out_features, in_features // 32, 32)
+        values = lut[codes.long()] * torch.exp2(scales.float() - 127)[..., None]
+        tensors[key] = values.reshape(e, out_features, in_features).transpose(1, 2).contiguous()
+        del packed[key]
+        packed[f"{key}_blocks"], packed[f"{key}_scales"] = blocks, scales
+    save_file(tensors, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    save_file(packed, str(mx / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((mx / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (mx / "config.json").write_text(json.dumps(config))
+    return mx, ref

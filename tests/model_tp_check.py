@@ -1,6 +1,7 @@
 """TP=2 logits equal transformers' (float64) on every rank. Launched by torchrun (gloo) from test_models.py.
 
-Usage: torchrun --nproc-per-node 2 tests/model_tp_check.py MODEL_DIR [MODEL_DIR ...]
+Usage: torchrun --nproc-per-node 2 tests/model_tp_check.py MODEL_DIR[::HF_DIR] [...]
+(HF_DIR: the checkpoint transformers loads as the reference, where it cannot load MODEL_DIR: gpt-oss MXFP4)
 Prints "[ok rank=R model=DIR]" per model; exits non-zero (with the difference) on the first mismatch.
 """
 
@@ -12,16 +13,16 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from tests.model_harness import hf_logits, paged_logits, prefill_logits_without_cache, sequences
+from tests.model_harness import hf_logits, load_hf, paged_logits, prefill_logits_without_cache, sequences
 from tprun.worker.models import load_model
 from tprun.worker.parallel import TPGroup
 
 
-def check(model_dir: str, tp: TPGroup) -> None:
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, local_files_only=True).eval()
+def check(arg: str, tp: TPGroup) -> None:
+    model_dir, _, hf_dir = arg.partition("::")
+    hf = load_hf(hf_dir or model_dir)
     ours = load_model(model_dir, hf.config, tp, torch.float64, torch.device("cpu"))
     seqs = sequences(hf.config.vocab_size)
     runs = {"paged": paged_logits(ours, seqs), "no cache": prefill_logits_without_cache(ours, seqs)}

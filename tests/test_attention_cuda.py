@@ -79,9 +79,12 @@ def make_batch(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, h
                  k_cache.to(DEVICE), v_cache.to(DEVICE), ctx_k, ctx_v, written)
 
 
-def reference(batch: Batch, scale: float, window: int | None = None) -> torch.Tensor:
+def reference(batch: Batch, scale: float, window: int | None = None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context, in float64 on the CPU
-    (with a window, query position p sees keys in (p - window, p], as transformers' Mistral does)."""
+    (with a window, query position p sees keys in (p - window, p], as transformers' Mistral does; softcap:
+    scores -> cap * tanh(scores / cap) as Gemma 2; sinks [nh]: one extra logit per head in the softmax's
+    denominator, as gpt-oss)."""
     q = batch.q.double().cpu()
     cu = batch.meta.cu_seqlens_q.tolist()
     outs = []
@@ -90,13 +93,20 @@ def reference(batch: Batch, scale: float, window: int | None = None) -> torch.Te
         group = qb.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         pos = k.shape[0] - qb.shape[0] + torch.arange(qb.shape[0])
         key_pos = torch.arange(k.shape[0])[None, :]
         hidden = key_pos > pos[:, None]
         if window is not None:
             hidden |= key_pos <= pos[:, None] - window
         scores = scores.masked_fill(hidden, float("-inf"))
-        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        if sinks is not None:
+            sink = sinks.double().cpu()[:, None, None].expand(-1, scores.shape[1], 1)
+            probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, v))
     return torch.cat(outs)
 
 
@@ -291,3 +301,44 @@ def test_decode_replayed_from_a_cuda_graph_follows_new_lengths_and_tables():
         graph.replay()
         err = rel_err(out, reference(batch, hd**-0.5))
         assert err < TOL[torch.bfloat16], f"lengths {lens}: relative error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 100], ids=["full", "window100"])
+@pytest.mark.parametrize("feature", ["softcap", "sinks"])
+def test_softcap_and_sinks_prefill_and_decode_match_float64(feature, window, dtype):
+    """Gemma 2's soft-capping (cap 50 and a small cap that bends most scores) and gpt-oss's sinks (large
+    ones that take most of the mass, small ones that take none), with and without a sliding window."""
+    skip_if_interpreter_cannot(dtype)
+    gen, seed = fresh_generator()
+    nh, nkv, hd, bs = 8, 2, 64, 16
+    scale = hd**-0.5
+    for cap in ([50.0, 0.5] if feature == "softcap" else [None]):
+        sinks = None
+        if feature == "sinks":
+            sinks = (torch.randn(nh, generator=gen) * 3).to(dtype).to(DEVICE)
+        kw = {"softcap": cap, "sinks": sinks}
+        prefill = make_batch([(0, 150), (130, 70), (3, 5), (300, 1)], nh, nkv, hd, bs, dtype, gen)
+        out = ac.paged_attention(prefill.q, prefill.k_new, prefill.v_new, prefill.k_cache, prefill.v_cache,
+                                 prefill.meta, scale, window, **kw)
+        err = rel_err(out.view_as(prefill.q), reference(prefill, scale, window, **kw))
+        assert err < TOL[dtype], f"prefill {kw}: relative error {err:.2e} (seed {seed})"
+        p = ac.DECODE_PARTITION
+        lens = [1, 99, 100, 101, p, p + 50, 3 * p + 1]
+        decode = make_batch([(n - 1, 1) for n in lens], nh, nkv, hd, bs, dtype, gen)
+        out = ac.paged_attention(decode.q, decode.k_new, decode.v_new, decode.k_cache, decode.v_cache,
+                                 decode.meta, scale, window, **kw)
+        err = rel_err(out.view_as(decode.q), reference(decode, scale, window, **kw))
+        assert err < TOL[dtype], f"decode {kw}: relative error {err:.2e} (seed {seed})"
+
+
+def test_decode_padding_entry_with_sinks_writes_zeros():
+    gen, _ = fresh_generator()
+    batch = make_batch([(40, 1), (0, 1)], 8, 2, 64, 16, torch.float16, gen)
+    batch.meta.seq_lens[1] = 0
+    out = torch.full_like(batch.q, float("nan"))
+    sinks = torch.randn(8, generator=gen).to(torch.float16).to(DEVICE)
+    ac.decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.seq_lens, batch.meta.block_tables,
+                        1.0, out=out, sinks=sinks)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1]).cpu())
+    assert not out[0].isnan().any()

@@ -28,7 +28,7 @@ def test_each_chunk_once_to_a_whole_group_and_the_faster_group_takes_more(tmp_pa
     fast, slow = ranks[0]["worked"], ranks[2]["worked"]
     assert ranks[1]["worked"] == fast and ranks[3]["worked"] == slow  # a group's ranks run the same chunks
     assert sorted(fast + slow) == [k for k in range(24) if k not in (0, 5, 6)]  # each once; done skipped
-    assert len(fast) > 2 * len(slow)  # group 1 sleeps 7x longer per chunk
+    assert len(slow) == 1  # group 1 was busy with its first chunk while group 0 took all the others
     assert all(r["stopped"] is None for r in ranks)
 
 
@@ -36,7 +36,7 @@ def test_stop_on_one_rank_stops_its_group_together_then_every_group(tmp_path):
     ranks = claim(tmp_path, num_chunks=200, stop_rank=3, stop_after=2)
     assert ranks[2]["worked"] == ranks[3]["worked"] and len(ranks[3]["worked"]) == 2
     assert ranks[0]["worked"] == ranks[1]["worked"]
-    assert len(ranks[0]["worked"]) + 2 < 200  # group 0 stopped early too, at its next boundary
+    assert len(ranks[0]["worked"]) == 1  # group 0 stopped too, at the boundary after the stop
     assert ranks[3]["stopped"] == "test"
     assert ranks[2]["stopped"] == "a stop signal on another rank of this TP group"
     assert ranks[0]["stopped"] == "stop requested by another group"

@@ -1,6 +1,7 @@
 """The CUDA path (Triton attention, decode CUDA graphs, batched sampler) against HF transformers on a GPU.
 
-- float32, tiny models of every architecture: greedy tokens equal HF `generate`, with and without graphs.
+- float32, tiny models of every architecture: greedy tokens equal HF `generate`, with and without graphs
+  (the issue-12 families with graphs: fused MoE kernels, soft-capping and sinks in the attention kernels).
 - bfloat16, the bench shapes (llama3-8b with 4 of its 32 layers, to stay within a minute): prefill and
   graph-replayed decode logits are as close to a float32 HF reference as HF's own bfloat16 logits are.
 """
@@ -18,10 +19,11 @@ if not torch.cuda.is_available():
     pytest.skip("the CUDA path needs a CUDA device (CI has none; run these on the GPU machine)",
                 allow_module_level=True)
 
-from tests.engine_prompts import PROMPT_LENGTHS, make_prompts  # noqa: E402
+from tests.engine_prompts import PROMPT_LENGTHS, make_prompts, make_shared_prefix_prompts  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+NEW_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "phi3"]
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +33,20 @@ def demo_models(tmp_path_factory) -> dict[str, str]:
     base = tmp_path_factory.mktemp("models")
     # A sliding window shorter than the longest prompt, so the window path of the kernels runs too.
     extra = {"mistral": {"sliding_window": 16}}
-    return {a: str(make_demo_model(base / a, arch=a, seed=7, **extra.get(a, {}))) for a in ARCHS}
+    return {a: str(make_demo_model(base / a, arch=a, seed=7, **extra.get(a, {}))) for a in ARCHS + NEW_ARCHS}
 
 
 def hf_greedy_gpu(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).cuda()
+    kwargs: dict = {}
+    model_type = AutoConfig.from_pretrained(model_dir, local_files_only=True).model_type
+    if model_type in ("gemma2", "gpt_oss"):  # soft-capping and sinks: transformers' eager attention has them
+        kwargs["attn_implementation"] = "eager"
+    if any(name in model_type for name in ("moe", "mixtral", "gpt_oss")):  # its float32 experts loop
+        kwargs["experts_implementation"] = "eager"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
+                                                 **kwargs).cuda()
     # ignore_eos on both sides: no EOS stop (min_new_tokens would instead forbid EOS, changing the argmax).
     model.generation_config.eos_token_id = None
     outs = []
@@ -74,6 +83,17 @@ def test_greedy_tokens_match_hf_float32_on_gpu(arch, eager, demo_models):
     assert got == expected
 
 
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_new_families_greedy_tokens_match_hf_float32_with_cuda_graphs(arch, demo_models):
+    from tprun import SamplingParams
+
+    prompts = make_prompts(331, PROMPT_LENGTHS)
+    expected = hf_greedy_gpu(demo_models[arch], prompts, 24)
+    got = tprun_generate(demo_models[arch], prompts,
+                         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    assert got == expected
+
+
 def test_kv_cache_too_small_preempts_and_still_matches_hf(demo_models):
     from tprun import SamplingParams
 
@@ -83,6 +103,21 @@ def test_kv_cache_too_small_preempts_and_still_matches_hf(demo_models):
                                                                        ignore_eos=True),
                          num_gpu_blocks_override=12, block_size=8)
     assert got == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: the sliding window over a cached prefix
+def test_chunked_prefill_and_prefix_caching_match_hf_on_gpu(arch, demo_models):
+    from tprun import SamplingParams
+
+    # Steps of 16 tokens mix decodes with prompt chunks (the varlen kernel with a cached prefix); the
+    # prompts share prefixes and the 12-block cache forces eviction and preemption.
+    prompts = make_shared_prefix_prompts(331)
+    expected = hf_greedy_gpu(demo_models[arch], prompts, 24)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for caching in (True, False):
+        got = tprun_generate(demo_models[arch], prompts, params, max_num_batched_tokens=16, block_size=8,
+                             num_gpu_blocks_override=12, enable_prefix_caching=caching)
+        assert got == expected, f"enable_prefix_caching={caching}"
 
 
 def test_seeded_sampling_on_gpu_repeats_and_mixes_with_greedy(demo_models):
@@ -121,10 +156,10 @@ def runner_logits(model_dir: Path, prompts: list[list[int]], continuations: list
     runner.allocate_kv_cache(sum(len(t) for t in tables) + 1)
     assert runner.graphs, "decode graphs were not captured"
     opts = SamplingOptions(0.0, 1.0, -1, 1, 0, frozenset(), True)
-    steps = [StepInput([SeqStep(i, p, 0, tables[i], opts) for i, p in enumerate(prompts)], True, [])]
+    steps = [StepInput([SeqStep(i, p, 0, tables[i], opts) for i, p in enumerate(prompts)], True)]
     for j in range(len(continuations[0])):
         steps.append(StepInput([SeqStep(i, [c[j]], len(prompts[i]) + j, tables[i], opts)
-                                for i, c in enumerate(continuations)], False, []))
+                                for i, c in enumerate(continuations)], False))
     out = [runner.compute_logits(s).float().cpu() for s in steps]
     del runner
     gc.collect()

@@ -15,6 +15,13 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -95,5 +102,5 @@ def test_max_shard_size_writes_an_index_and_shards(tmp_path):
 
 
 def test_unknown_arch_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown demo architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="unknown demo architecture 'gpt2'.*llama, mistral, qwen2, qwen3, mixtral"):
         make_demo_model(tmp_path, arch="gpt2")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.engine_prompts import PROMPT_LENGTHS, make_prompts
+from tests.engine_prompts import PROMPT_LENGTHS, make_prompts, make_shared_prefix_prompts
 from tests.procs import ROOT, torchrun
+from tests.rank_results import read_rank_results
+from tprun.demo_model import DEMO_ARCHS
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = list(DEMO_ARCHS)  # every supported family; the demo configs put prompts past their sliding windows
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +23,17 @@ def demo_models(tmp_path_factory) -> dict[str, str]:
     return {arch: str(make_demo_model(base / arch, arch=arch, seed=7)) for arch in ARCHS}
 
 
-def hf_greedy(model_dir: str, max_new_tokens: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+def hf_greedy(model_dir: str, max_new_tokens: int) -> dict[str, list[list[int]]]:
+    """Per prompt set of tests/engine_check.py: HF's greedy tokens for each prompt."""
+    from tests.model_harness import load_hf
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, local_files_only=True)
-    model.eval()
-    prompts = make_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+    model = load_hf(model_dir)
+    vocab = model.config.vocab_size
+    return {"plain": _generate(model, make_prompts(vocab, PROMPT_LENGTHS), max_new_tokens),
+            "shared": _generate(model, make_shared_prefix_prompts(vocab), max_new_tokens)}
+
+
+def _generate(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     outs = []
     with torch.no_grad():
         for p in prompts:
@@ -42,7 +48,7 @@ def run_engine(tmp_path: Path, tp: int, models: list[str]) -> list[dict]:
     out = tmp_path / f"tp{tp}"
     proc = torchrun(tp, [str(ROOT / "tests" / "engine_check.py"), str(out), str(tp), *models], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(tp)]
+    return read_rank_results(out, tp)
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +68,15 @@ def tp2(demo_models, tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("scenario", ["greedy", "preempt"])
+@pytest.mark.parametrize("scenario", ["greedy", "preempt", "shared", "shared_nocache"])
 def test_greedy_tokens_match_hf_generate_float64(arch, tp, scenario, demo_models, references, tp1, tp2):
     ranks = tp1 if tp == 1 else tp2
     got = ranks[0]["results"][demo_models[arch]][scenario]
-    assert got["token_ids"] == references[arch]
-    if scenario == "preempt":
+    assert got["token_ids"] == references[arch]["shared" if scenario.startswith("shared") else "plain"]
+    if scenario != "greedy":
         assert got["preemptions"] > 0, "the small KV cache was meant to force preemption"
+    if scenario == "shared":  # chunks of 16 tokens, prefixes shared, the small cache recycled
+        assert got["cached_prompt_tokens"] > 0 and got["evictions"] > 0
 
 
 def test_all_tp_ranks_produce_identical_results(tp2):
@@ -80,5 +88,7 @@ def test_seeded_sampling_is_identical_across_ranks_and_runs(demo_models, tp2):
         r0, r1 = (r["results"][path]["sampled"] for r in tp2)
         assert r0["token_ids"] == r1["token_ids"]
         assert r0["token_ids"] == r0["second_run"]
+        # A request's draws do not depend on how its prompt was chunked or whether it was preempted.
+        assert r0["token_ids"] == tp2[0]["results"][path]["shared"]["sampled_chunked"]
         # Sampling at temperature 0.8 must actually differ from greedy somewhere.
         assert r0["token_ids"] != tp2[0]["results"][path]["greedy"]["token_ids"]

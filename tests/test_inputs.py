@@ -146,7 +146,8 @@ def test_bad_lines_are_skipped_into_errors_jsonl_and_good_records_complete(demo_
     assert lengths == {"g1": 3, "g2": 3, 12: 2}  # the flag's max_tokens, or the line's own
     long = results[2]
     assert long["finish_reason"] == "error" and "256" in long["error"] and long["output_token_ids"] == []
-    assert set(results[0]) == {"id", "output_text", "output_token_ids", "finish_reason", "num_prompt_tokens"}
+    assert set(results[0]) == {"id", "output_text", "output_token_ids", "finish_reason", "stop_reason",
+                               "num_prompt_tokens"}
     errors = read_jsonl(out / "errors.jsonl")
     assert [e["line"] for e in errors] == [line for line, _, _ in EXPECTED_ERRORS]
     for e, (line, rid, reason) in zip(errors, EXPECTED_ERRORS):
@@ -288,7 +289,7 @@ def test_job_error_stops_each_rank_without_waiting_for_the_others(demo_model, tm
     ranks.procs[0].kill()
     ranks.wait(timeout=60)
     assert ranks.codes[1] == EXIT_JOB_ERROR
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 60  # not the rendezvous timeout (300 s); rank 1 tries rank 0 for 15 s
     assert "missing.jsonl does not exist" in ranks.output(1)
 
 

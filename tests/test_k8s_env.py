@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.k8s_pods import pod_env
+from tprun.cluster.k8s_render import render_manifests
 from tprun.config import JobSpec
 from tprun.launchers import LauncherError, detect_launcher
-from tprun.launchers.k8s_render import render_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -46,7 +46,7 @@ def args_of(env: dict) -> dict:
 @pytest.mark.parametrize("index", [0, 1])
 def test_rendered_indexed_job_gives_each_pod_its_rank_and_pod_zero_as_master(index):
     spec = JobSpec.from_yaml(ROOT / "examples" / "job.yaml")
-    job = render_manifests(spec)[2]
+    job = render_manifests(spec)[-1]
     env = pod_env(job, index, pod_name=f"tprun-demo-{index}-abcde", pod_ip=f"10.1.0.{index + 5}")
     assert args_of(env) == {"launcher": "kubernetes", "rank": index, "local_rank": 0, "world_size": 2,
                             "local_world_size": 1, "master_addr": "tprun-demo-0.tprun-demo.default.svc",
@@ -57,7 +57,7 @@ def test_rendered_job_with_four_processes_per_pod_fans_out_ranks_by_pod():
     spec = JobSpec.from_yaml(ROOT / "examples" / "job.yaml").model_copy(deep=True)
     spec.parallel.tensor_parallel_size, spec.parallel.data_parallel_size = 4, 2
     spec.resources.procs_per_node, spec.resources.gpus_per_node = 4, 4
-    job = render_manifests(spec)[2]
+    job = render_manifests(spec)[-1]
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:5] == [
         "python3", "-m", "tprun.launchers.fanout", "--nprocs", "4"]
     ranks = []
@@ -226,7 +226,7 @@ def test_lws_leader_address_waits_like_an_indexed_job(tmp_path):
 
 def test_documented_example_snapshot_matches_rendered_env_names():
     """The hand-written snapshot above uses exactly the variable names the renderer sets."""
-    job = render_manifests(JobSpec.from_yaml(ROOT / "examples" / "job.yaml"))[2]
+    job = render_manifests(JobSpec.from_yaml(ROOT / "examples" / "job.yaml"))[-1]
     rendered = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     tprun_vars = {k for k in JOB if k.startswith("TPRUN_") or k == "MASTER_PORT"}
     assert tprun_vars <= rendered, tprun_vars - rendered

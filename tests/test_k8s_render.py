@@ -15,9 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tprun.cluster.k8s_checks import ManifestError, check_manifests, parse_quantity, restricted_violations
+from tprun.cluster.k8s_render import manifests_yaml, render_manifests
 from tprun.config import JobSpec
-from tprun.launchers.k8s_checks import ManifestError, check_manifests, parse_quantity, restricted_violations
-from tprun.launchers.k8s_render import manifests_yaml, render_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -131,6 +131,17 @@ GAPS = {
     "tprun: selector misses the pods": ("Service", ["spec", "selector", "app.kubernetes.io/instance"], "other",
                                         "does not match the pod template labels"),
     "Service name starts with a digit": ("Service", ["metadata", "name"], "1tprun", "must be a DNS-1035 label"),
+    "enum: policyType": ("NetworkPolicy", ["spec", "policyTypes", 0], "ingress", "policyTypes[0]: 'ingress' is not one of"),
+    "policy: endPort below port": ("NetworkPolicy", ["spec", "ingress", 0, "ports", 1, "endPort"], 1000,
+                                   "ingress[0].ports[1].endPort: 1000 needs a numeric port <= endPort"),
+    "tprun: policy misses the pods": ("NetworkPolicy", ["spec", "podSelector", "matchLabels",
+                                                        "app.kubernetes.io/instance"], "other",
+                                      "spec.podSelector selects none of Job 'tprun-demo'"),
+    "tprun: policy shuts out the store": ("NetworkPolicy", ["spec", "ingress", 0, "ports", 0, "port"], 29501,
+                                          "spec.ingress: admits no TCP to port 29500 (MASTER_PORT)"),
+    "tprun: ranks may not connect out": ("NetworkPolicy", ["spec", "egress", 0, "to", 0, "podSelector", "matchLabels",
+                                                           "batch.kubernetes.io/job-name"], "other",
+                                         "spec.egress: admits no TCP to port 29500"),
 }
 
 
@@ -239,8 +250,8 @@ def _with(spec: dict, **changes) -> dict:
      "give pvc (a PersistentVolumeClaim name) or host_path"),
     (_with(MINIMAL_SPEC, kubernetes__volumes=[{"name": "out", "mount_path": "/tmp/o", "pvc": "o"}]), ValueError,
      "collides with /etc/tprun, /tmp or /dev/shm"),
-    (_with(MINIMAL_SPEC, kubernetes__volumes=[{"name": "Out_1", "mount_path": "/out", "pvc": "o"}]), ManifestError,
-     "volumes[3].name: 'Out_1' must be a DNS-1123 label"),
+    (_with(MINIMAL_SPEC, kubernetes__volumes=[{"name": "Out_1", "mount_path": "/out", "pvc": "o"}]), ValueError,
+     "'Out_1' must be a DNS-1123 label"),  # refused by the spec itself, before the render
     (_with(MINIMAL_SPEC, name="7b"), ManifestError, "Service '7b': metadata.name '7b' must be a DNS-1035 label"),
     (_with(MINIMAL_SPEC, parallel__tensor_parallel_size=2), ValueError, "resources give 1 processes"),
     (_with(MINIMAL_SPEC, kubernetes__tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoScheduled"}]),

@@ -17,9 +17,9 @@ from kubernetes import client
 
 import tprun
 from tests.k8s_fake_apiserver import FakeApiServer
+from tprun.cluster.k8s_render import render_manifests
+from tprun.cluster.k8s_submit import SubmitError
 from tprun.config import JobSpec
-from tprun.launchers.k8s_render import render_manifests
-from tprun.launchers.k8s_submit import SubmitError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "job.yaml"
@@ -42,17 +42,17 @@ def spec() -> JobSpec:
     return JobSpec.from_yaml(EXAMPLE)
 
 
-def test_submit_creates_the_rendered_configmap_service_and_job(fake, api):
+def test_submit_creates_the_rendered_configmap_service_networkpolicy_and_job(fake, api):
     handle = tprun.submit(spec(), backend="kubernetes", api_client=api)
     assert handle.job_id == f"{NS}/{NAME}"
     # Exactly what `tprun render k8s` prints, in dependency order, each accepted by the (fake) API.
     assert fake.created() == render_manifests(spec())
     assert [r.path for r in fake.requests if r.method == "POST"] == [
         f"/api/v1/namespaces/{NS}/configmaps", f"/api/v1/namespaces/{NS}/services",
-        f"/apis/batch/v1/namespaces/{NS}/jobs"]
-    # The Job owns its ConfigMap and Service, so `kubectl delete job` cleans up everything.
+        f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies", f"/apis/batch/v1/namespaces/{NS}/jobs"]
+    # The Job owns its ConfigMap, Service and NetworkPolicy, so `kubectl delete job` cleans up everything.
     job_uid = fake.objects[("jobs", NS, NAME)]["metadata"]["uid"]
-    for plural, name in (("configmaps", f"{NAME}-spec"), ("services", NAME)):
+    for plural, name in (("configmaps", f"{NAME}-spec"), ("services", NAME), ("networkpolicies", NAME)):
         owners = fake.objects[(plural, NS, name)]["metadata"]["ownerReferences"]
         assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Job", NAME, job_uid)]
 
@@ -107,9 +107,10 @@ def test_cancel_deletes_the_job_in_the_foreground_and_its_objects(fake, api):
     handle.cancel()
     deletes = [(r.path.rsplit("/", 2)[-2], r.query.get("propagationPolicy")) for r in fake.requests
                if r.method == "DELETE"]
-    assert deletes == [("jobs", "Foreground"), ("services", "Background"), ("configmaps", "Background")]
+    assert deletes == [("jobs", "Foreground"), ("services", "Background"), ("networkpolicies", "Background"),
+                       ("configmaps", "Background")]
     assert handle.status() == "CANCELLED"  # the Job object lingers while its pods go, marked deleting
-    assert not [k for k in fake.objects if k[0] in ("pods", "services", "configmaps")]
+    assert not [k for k in fake.objects if k[0] in ("pods", "services", "networkpolicies", "configmaps")]
     del fake.objects[("jobs", NS, NAME)]  # the garbage collector finishes
     assert handle.status() == "CANCELLED"
     handle.cancel()  # cancelling again is harmless
@@ -132,7 +133,7 @@ def test_refused_job_rolls_back_what_was_created(fake, api):
         tprun.submit(spec(), backend="kubernetes", api_client=api)
     assert f"not allowed to create Job {NS}/{NAME}" in str(e.value)
     assert 'User "ci" cannot create resource "jobs"' in str(e.value)
-    assert fake.objects == {}  # the ConfigMap and Service made before were deleted again
+    assert fake.objects == {}  # the ConfigMap, Service and NetworkPolicy made before were deleted again
 
 
 def test_admission_rejection_is_reported_with_the_api_message(fake, api):

@@ -30,9 +30,12 @@ def test_quiet_mode_prints_plain_lines_from_the_counters(store, capsys):
     p = Progress(store, total=10, already_done=0, quiet=True, interval_s=0.1, refresh_s=0.05).start()
     store.add(keys.RECORDS_DONE, 4)
     store.add(keys.TOKENS_DONE, 40)
-    time.sleep(0.5)
+    err, deadline = "", time.monotonic() + 30  # the printing thread may be starved on a busy machine
+    while "tprun: 4/10 records" not in err and time.monotonic() < deadline:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
     p.close()
-    err = capsys.readouterr().err
+    err += capsys.readouterr().err
     assert "tprun: 4/10 records (40%)" in err and "\r" not in err
 
 

@@ -196,7 +196,7 @@ def test_a_failing_job_reports_failed_with_every_ranks_error(demo):
 
 
 def test_slurm_accepts_a_rendered_gpu_job(tmp_path):
-    from tprun.launchers.slurm_render import render_sbatch
+    from tprun.cluster.slurm_render import render_sbatch
 
     # The cluster's nodes have fake GPUs (gres on character devices), so --gpus-per-node is real here.
     data = yaml.safe_load(EXAMPLE.read_text())

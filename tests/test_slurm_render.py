@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tprun.cluster.slurm_render import render_sbatch
 from tprun.config import JobSpec
-from tprun.launchers.slurm_render import render_sbatch
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "slurm.sbatch"
@@ -44,6 +44,24 @@ def test_render_of_every_option_matches_the_golden_file():
     if os.environ.get("TPRUN_UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+def test_independent_groups_render_an_array_job_of_one_task_per_tp_group():
+    data = {**FULL_SPEC, "parallel": {**FULL_SPEC["parallel"], "groups": "independent"}}
+    text = render_sbatch(JobSpec.model_validate(data), "/scratch/runs/eval.yaml")
+    golden = GOLDEN.with_name("slurm_groups.sbatch")
+    if os.environ.get("TPRUN_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    lines = sbatch_lines(text)
+    # 2 groups of TP=4 over 2 nodes of 4 GPUs: tasks 0 and 1, each one node of 4 srun tasks
+    assert "#SBATCH --array=0-1" in lines and "#SBATCH --nodes=1" in lines
+    assert "#SBATCH --ntasks-per-node=4" in lines
+    assert "run /scratch/runs/eval.yaml --groups independent" in text
+    subprocess.run(["bash", "-n"], input=text, text=True, timeout=10, check=True)
+    with pytest.raises(ValueError, match=r"nodes\(3\) is not a multiple of dp\(2\)"):
+        render_sbatch(spec(parallel={"data_parallel_size": 2, "tensor_parallel_size": 3, "groups": "independent"},
+                           resources={"nodes": 3, "procs_per_node": 2}), "s.yaml")
 
 
 def test_deploy_sbatch_is_the_render_of_the_example_spec():
@@ -99,7 +117,7 @@ def test_memory_slurm_cannot_read_is_a_clear_error():
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("time", "one hour", "not a Slurm time limit"),
     ("signal", "HUP@60", "USR1, USR2, TERM, INT"),
-    ("extra_sbatch", ["exclusive"], "write it as '--name=value'"),
+    ("extra_sbatch", ["exclusive"], "write each as its own item '--name' or '--name=value'"),
 ])
 def test_bad_slurm_options_name_the_field_and_the_fix(field, value, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -145,7 +163,7 @@ def test_submit_asks_slurm_for_what_render_writes(tmp_path):
     """submitit builds its own sbatch file; it must carry the render's resources and options."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from tprun.launchers.slurm_submit import executor_parameters
+    from tprun.cluster.slurm_submit import executor_parameters
 
     full = JobSpec.model_validate(FULL_SPEC)
     ours = set(sbatch_lines(render_sbatch(full, "s.yaml")))
@@ -157,3 +175,16 @@ def test_submit_asks_slurm_for_what_render_writes(tmp_path):
     assert "#SBATCH --time=2160" in theirs and "#SBATCH --signal=USR2@300" in theirs
     assert ours <= theirs, f"missing from submitit's script: {sorted(ours - theirs)}"
     assert "--cpu-bind=cores" in theirs_text and "module load cuda/12.4" in theirs_text
+
+
+def test_submit_of_independent_groups_asks_for_an_array_of_one_group_each(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from tprun.cluster.slurm_submit import executor_parameters
+
+    data = {**FULL_SPEC, "parallel": {**FULL_SPEC["parallel"], "groups": "independent"}}
+    params = executor_parameters(JobSpec.model_validate(data))
+    # submitit writes the --array line itself for a map_array; 2 tasks, at most 2 running at once
+    text = _make_sbatch_string(command="true", folder=tmp_path, map_count=2, **params)
+    lines = set(sbatch_lines(text))
+    assert {"#SBATCH --array=0-1%2", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=4"} <= lines

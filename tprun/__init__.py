@@ -1,6 +1,7 @@
 """tprun: Ray-free offline LLM inference with tensor and data parallelism."""
 
 from tprun.config import SamplingParams
+from tprun.submit import submit  # eager (cheap): a later `import tprun.submit` then cannot rebind the name
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "submit"]
 
@@ -15,9 +16,4 @@ def __getattr__(name: str):
         from tprun.engine import outputs
 
         return getattr(outputs, name)
-    if name == "submit":
-        from tprun.submit import submit
-
-        globals()["submit"] = submit  # importing the submodule bound tprun.submit to the module
-        return submit
     raise AttributeError(name)

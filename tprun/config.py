@@ -5,10 +5,14 @@ Inside the hot path the engine copies what it needs into plain dataclasses.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tprun.cluster.options import KubernetesOptions, Resources, SlurmOptions
+from tprun.cluster.spec_rules import DNS1123_LABEL, Text
 
 Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 
@@ -17,16 +21,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# vLLM's field is called `json`; it shadows pydantic's deprecated BaseModel.json(), which nothing here calls.
+warnings.filterwarnings("ignore", message='Field name "json" in "StructuredOutputsParams" shadows')
+
+
+class StructuredOutputsParams(_Strict):
+    """Constrain a request's output (vLLM's names): give exactly one of the fields."""
+
+    json: dict[str, Any] | str | None = Field(None, description="a JSON schema (object or its JSON text)")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="an EBNF grammar (GBNF style, root rule 'root')")
+    json_object: bool | None = Field(None, description="any JSON object")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputsParams:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of {', '.join(STRUCTURED_KINDS)}; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured_outputs.choice must list at least one string")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
 class SamplingParams(_Strict):
     """vLLM-compatible sampling parameters. temperature 0 means greedy."""
 
+    n: int = Field(1, ge=1, le=128, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, description="-1 or 0 disables top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     max_tokens: int = Field(16, gt=0)
+    min_tokens: int = Field(0, ge=0)
     seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="stop strings (a single string is accepted)")
     stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="top log-probs per generated token")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="top log-probs per prompt token")
+    logit_bias: dict[int, float] | None = Field(None, description="token id -> bias added to its logit")
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     @field_validator("top_k")
     @classmethod
@@ -35,10 +85,63 @@ class SamplingParams(_Strict):
             raise ValueError("top_k must be -1 (disabled), 0 (disabled) or a positive integer")
         return v
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("stop", "bad_words")
+    @classmethod
+    def _non_empty_strings(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(s == "" for s in v):
+            raise ValueError("must not contain an empty string")
+        return v
+
+    @field_validator("stop_token_ids", "allowed_token_ids")
+    @classmethod
+    def _token_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(t < 0 for t in v):
+            raise ValueError(f"token ids must be >= 0, got {min(v)}")
+        return v
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed_non_empty(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("allowed_token_ids must list at least one token id (or be null)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is None:
+            return v
+        for tok, bias in v.items():
+            if tok < 0:
+                raise ValueError(f"logit_bias token id {tok} must be >= 0")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{tok}] = {bias} must be in [-100, 100] (as OpenAI's API)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
+
+
+Groups = Literal["one-world", "independent"]
+
 
 class ParallelConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
+    # "one-world": one rendezvous of tp x dp processes, chunks handed out through its store.
+    # "independent": each TP group is a world of its own (a Slurm array task, a LeaderWorkerSet replica),
+    # started and lost on its own; the groups share only OUT, where they claim chunks by lease files.
+    groups: Groups = "one-world"
 
     @property
     def world_size(self) -> int:
@@ -51,7 +154,9 @@ class EngineConfig(_Strict):
     seed: int = 0
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(256, ge=1)
+    # Tokens one step computes, decodes and prompt chunks together: a longer prompt is split over steps.
     max_num_batched_tokens: int = Field(8192, ge=1)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (vLLM's)
     max_model_len: int | None = Field(None, ge=1)
     # Fraction of free device memory (CUDA) the KV cache may take; on CPU the budget is kv_cache_memory.
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
@@ -71,125 +176,29 @@ class EngineConfig(_Strict):
         return str(v)
 
 
-class Resources(_Strict):
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0)
-    procs_per_node: int | None = Field(None, ge=1, description="processes per node; default gpus or 1")
-    cpus_per_proc: int = Field(1, ge=1)
-    memory: str | None = Field(None, description="per node, Slurm/Kubernetes style (e.g. 64G / 64Gi)")
-
-    @property
-    def processes_per_node(self) -> int:
-        return self.procs_per_node or max(self.gpus_per_node, 1)
+MAX_NAME = 42
+JOB_FIELD_FLAGS = {"model": "--model", "input": "--input", "output": "--output", "dtype": "--dtype",
+                   "parallel": "--tp / --dp / --groups", "chunk_size": "--chunk-size", "on_bad_input": "--on-bad-input",
+                   "sampling": "--max-tokens / --temperature / --top-p / --top-k"}
 
 
-class SlurmOptions(_Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = Field("01:00:00", description="time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS")
-    constraint: str | None = None
-    extra_sbatch: list[str] = Field(default_factory=list, description="extra sbatch options ('--x=y')")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
-    srun_args: list[str] = Field(default_factory=list, description="extra srun options ('--x=y')")
-    # The sbatch tasks run `python -m tprun run`; it must find tprun (a venv's python, or PATH).
-    # submit (submitit) defaults to the submitting interpreter unless this is set explicitly.
-    python: str = "python3"
-    chdir: str | None = Field(None, description="working directory of the job (relative paths start here)")
-    # Sent to every task this long before the time limit: tprun stops claiming work, finishes the chunk in
-    # flight and exits 75, and the job requeues itself (at most max_requeues times) to resume.
-    signal: str = "USR1@90"
-    requeue: bool = True
-    max_requeues: int = Field(5, ge=0)
-
-    @field_validator("time")
-    @classmethod
-    def _time(cls, v: str) -> str:
-        cls.minutes(v)
-        return v
-
-    @field_validator("signal")
-    @classmethod
-    def _signal(cls, v: str) -> str:
-        import re
-
-        if not re.fullmatch(r"(SIG)?(USR1|USR2|TERM|INT)@[0-9]+", v):
-            raise ValueError(
-                f"signal {v!r} must be SIGNAL@SECONDS with SIGNAL one of USR1, USR2, TERM, INT (the "
-                "signals on which tprun stops cleanly), e.g. 'USR1@90'"
-            )
-        return v
-
-    @field_validator("extra_sbatch", "srun_args")
-    @classmethod
-    def _options(cls, v: list[str]) -> list[str]:
-        for opt in v:
-            if not opt.lstrip().startswith("-"):
-                raise ValueError(f"{opt!r} is not an option; write it as '--name=value' (e.g. '--exclusive')")
-        return v
-
-    @property
-    def time_minutes(self) -> int:
-        return self.minutes(self.time)
-
-    @staticmethod
-    def minutes(v: str) -> int:
-        """Slurm's --time formats, in whole minutes (rounded up)."""
-        import re
-
-        m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", v.strip())
-        if not m:
-            raise ValueError(f"time {v!r} is not a Slurm time limit; use MM, HH:MM:SS or D-HH:MM:SS")
-        days, a, b, c = m.groups()
-        if days is not None:  # D-HH[:MM[:SS]]
-            secs = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
-        elif c is not None:  # HH:MM:SS
-            secs = int(a) * 3600 + int(b) * 60 + int(c)
-        else:  # MM[:SS]
-            secs = int(a) * 60 + int(b or 0)
-        if secs <= 0:
-            raise ValueError(f"time {v!r} must be positive")
-        return -(-secs // 60)
-
-    @property
-    def signal_name(self) -> str:
-        return self.signal.split("@")[0].removeprefix("SIG")
-
-    @property
-    def signal_seconds(self) -> int:
-        return int(self.signal.split("@")[1])
-
-
-class Volume(_Strict):
-    name: str
-    mount_path: str
-    pvc: str | None = None
-    host_path: str | None = None
-    read_only: bool = False
-
-
-class KubernetesOptions(_Strict):
-    namespace: str = "default"
-    image: str = "tprun:latest"
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    gpu_resource: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    volumes: list[Volume] = Field(default_factory=list)
-    service_account: str | None = None
-    master_port: int = Field(29500, gt=0, lt=65536)
-    dns_timeout_s: float = Field(300.0, gt=0, description="how long pods wait for pod 0's DNS name")
-    working_dir: str | None = Field(None, description="container working dir; relative spec paths start here")
-    run_as_user: int = Field(1000, ge=1, description="non-root uid (and gid) the container runs as")
+def validation_summary(e: Any, prefix: str = "") -> str:
+    """A pydantic ValidationError as one line: 'field.path: message; ...'."""
+    parts = []
+    for err in e.errors():
+        loc = prefix + ".".join(str(x) for x in err["loc"])
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
 
 
 class JobSpec(_Strict):
     """What `tprun run|render|submit` take from a YAML file; CLI flags override fields."""
 
-    name: str = Field("tprun", pattern=r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")
-    model: str
-    input: str
-    output: str
+    name: Text = "tprun"
+    model: Text
+    input: Text
+    output: Text
     dtype: Dtype = "auto"
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -198,7 +207,48 @@ class JobSpec(_Strict):
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
     chunk_size: int = Field(64, ge=1, description="records per work chunk claimed by a TP group")
+    # Independent groups: a chunk lease not renewed for this long (by the output filesystem's clock) is
+    # taken over by another group. Long enough to outlast a slow filesystem, short enough to redo a lost
+    # group's chunks soon.
+    lease_timeout_s: float = Field(120.0, gt=0, description="independent groups: when a silent lease expires")
     on_bad_input: Literal["skip", "fail"] = "skip"
+    # "auto": each input file's first line decides between tprun lines and OpenAI Batch API request lines.
+    input_format: Literal["auto", "openai", "tprun"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # It names the Slurm job and the Kubernetes objects; pod hostnames '<name>-<index>' must fit 63.
+        if len(v) > MAX_NAME or not DNS1123_LABEL.fullmatch(v):
+            raise ValueError(f"{v!r} must be a DNS-1123 label of at most {MAX_NAME} characters (lower-case "
+                             "letters, digits and '-', starting and ending with a letter or digit)")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Checked here, not when the engine starts: a bad key is a config error of the spec (exit 2)."""
+        from pydantic import ValidationError
+
+        for key in v:
+            if key in cls.model_fields:
+                flag = JOB_FIELD_FLAGS.get(key)
+                raise ValueError(f"{key!r} is a job field, not an engine setting: set it as the spec's "
+                                 f"'{key}:'{f' or with {flag}' if flag else ''}, not under engine (--engine)")
+            if key not in EngineConfig.model_fields:
+                raise ValueError(f"{key!r} is not an engine setting; the settings are "
+                                 f"{', '.join(k for k in EngineConfig.model_fields if k not in cls.model_fields)}")
+        try:
+            EngineConfig.model_validate({"model": ".", **v})
+        except ValidationError as e:
+            raise ValueError(validation_summary(e)) from None
+        return v
+
+    def check(self) -> None:
+        """What render and submit run before anything is written: the whole spec validated again (a list
+        changed in place, or a model_construct()ed spec, skips pydantic), and tp * dp processes."""
+        type(self).model_validate(self.model_dump())
+        self.check_resources()
 
     def check_resources(self) -> None:
         """Render and submit need the resources to launch exactly tp * dp processes."""
@@ -220,9 +270,18 @@ class JobSpec(_Strict):
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"job spec {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"job spec {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"job spec {path} must be a YAML mapping, got {type(data).__name__}")
         return cls.model_validate(data)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, dtype=self.dtype, parallel=self.parallel, **self.engine)
+        return EngineConfig(model=self.model, dtype=self.dtype, parallel=self.group_parallel, **self.engine)
+
+    @property
+    def group_parallel(self) -> ParallelConfig:
+        """The world one process joins: all groups, or with independent groups its own TP group only."""
+        if self.parallel.groups == "one-world":
+            return self.parallel
+        return ParallelConfig(tensor_parallel_size=self.parallel.tensor_parallel_size, groups="independent")

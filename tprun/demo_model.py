@@ -1,4 +1,4 @@
-"""A tiny random Llama-family checkpoint with an offline byte-level BPE tokenizer, for demos and tests.
+"""A tiny random checkpoint of any supported family, with an offline byte-level BPE tokenizer, for demos and tests.
 
 Nothing comes from a model hub: the tokenizer is trained here on a small built-in corpus and the weights
 are drawn from a seeded generator, so the same (arch, seed, overrides) always writes the same files.
@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-DEMO_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+DEMO_ARCHS = (
+    "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "phi3",
+)
 
 # Odd on purpose: with TP=2 the vocabulary must be padded, which the demo exercises.
 DEMO_VOCAB_SIZE = 331
@@ -45,6 +47,26 @@ ARCH_CONFIG: dict[str, dict[str, Any]] = {
     "mistral": {"model_type": "mistral", "head_dim": 16, "sliding_window": None},
     "qwen2": {"model_type": "qwen2"},  # q/k/v biases
     "qwen3": {"model_type": "qwen3", "head_dim": 32},  # q/k norms; head_dim != hidden / heads
+    # MoE: expert counts that TP=2 does not divide (every rank holds every expert, each split by columns).
+    "mixtral": {"model_type": "mixtral", "head_dim": 16, "num_local_experts": 3, "num_experts_per_tok": 2},
+    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 5, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},  # shared expert with its sigmoid gate
+    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 32, "num_experts": 5, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "norm_topk_prob": True, "mlp_only_layers": [0]},  # layer 0 dense
+    # Sliding windows are small (8) so that test prompts run past them.
+    "gpt_oss": {"model_type": "gpt_oss", "head_dim": 16, "num_local_experts": 3, "num_experts_per_tok": 2,
+                "intermediate_size": 64, "sliding_window": 8,  # sinks, biases, clamped SwiGLU, YaRN
+                "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8}},
+    "gemma2": {"model_type": "gemma2", "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24,
+               "tie_word_embeddings": True},  # soft-capping (attention 50, final 30)
+    "gemma3": {"model_type": "gemma3_text", "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24,
+               "tie_word_embeddings": True, "layer_types": ["sliding_attention", "full_attention"]},
+    # Fused qkv/gate_up, half the head rotated, LongRoPE (short factors below 64 tokens, long above).
+    "phi3": {"model_type": "phi3", "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 64, "factor": 4.0,
+        "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.5, 2.0, 3.0, 4.5]}},
 }
 
 CORPUS = """\
@@ -127,7 +149,8 @@ def make_demo_model(
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize_norms_and_biases(model, seed)
+    # Gemma stores its norm weights as offsets from 1.
+    _randomize_norms_and_biases(model, seed, norm_center=0.0 if model_type.startswith("gemma") else 1.0)
     with _quiet_progress_bars():
         model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.model_max_length = config.max_position_embeddings
@@ -148,12 +171,12 @@ def _quiet_progress_bars() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _randomize_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
+def _randomize_norms_and_biases(model: torch.nn.Module, seed: int, norm_center: float = 1.0) -> None:
     """transformers initialises norms to 1 and biases to 0; make them random too, so a weight loaded into
     the wrong place (q_norm for k_norm, a bias shard off by one head) changes the logits."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 1:
+            if param.dim() == 1 or name.endswith("_bias"):  # gpt-oss's expert biases are [E, ...]
                 noise = 0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype)
-                param.copy_(noise if name.endswith(".bias") else 1 + noise)
+                param.copy_(noise if name.endswith(("bias", "sinks")) else norm_center + noise)

@@ -6,8 +6,9 @@ from collections.abc import Sequence as Seq
 from typing import Any, Self
 
 from tprun.config import EngineConfig, ParallelConfig, SamplingParams
-from tprun.engine.llm_engine import LLMEngine, derive_seed
-from tprun.engine.outputs import CompletionOutput, RequestOutput
+from tprun.engine.llm_engine import LLMEngine, load_tokenizer
+from tprun.engine.outputs import RequestOutput
+from tprun.engine.request_output import PendingRequest, TokenText, request_output
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -22,11 +23,12 @@ class LLM:
                                     data_parallel_size=data_parallel_size),
             **engine_kwargs,
         )
-        from transformers import AutoTokenizer
-
-        self.llm_engine = LLMEngine(self.config)  # checks the model directory first, with a clear error
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, local_files_only=True)
-        self._pending: dict[int, tuple[str, str | None]] = {}  # seq id -> (request id, prompt text)
+        # The engine checks the model directory first, with a clear error; it owns the tokenizer (stop
+        # strings and bad words need it on every rank).
+        self.llm_engine = LLMEngine(self.config, load_tokenizer(tokenizer) if tokenizer else None)
+        self.tokenizer = self.llm_engine.tokenizer
+        self._token_text = TokenText(self.tokenizer)
+        self._pending: dict[int, PendingRequest] = {}  # seq id -> its request (n > 1: one request, n seq ids)
         self._generate_calls = 0
         self._carried: list[RequestOutput] = []
 
@@ -53,8 +55,10 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each")
         ids = [f"{self._generate_calls}-{i}" for i in range(len(prompts))]
         self._generate_calls += 1
-        for i, (rid, prompt, sp) in enumerate(zip(ids, prompts, params)):
-            self._add(rid, prompt, sp, default_seed=derive_seed(self.config.seed, i))
+        for rid, prompt, sp in zip(ids, prompts, params):
+            # Without a seed a request's seed derives from its arrival number over the LLM's life, so a
+            # second generate() call draws new samples (as vLLM), the same on every rank.
+            self._add(rid, prompt, sp)
         bar = _progress(len(ids), use_tqdm)
         done: dict[str, RequestOutput] = {}
         mine = set(ids)
@@ -75,20 +79,31 @@ class LLM:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         """Queue one request; its output comes back from a later step(). Without a seed in `params`
         the request's seed derives from the engine seed and its arrival number."""
-        self._add(request_id, prompt, params, default_seed=None)
+        self._add(request_id, prompt, params)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that finished in it (arrival order)."""
+        """One engine step; returns the requests that finished in it (arrival order of their last sample)."""
         carried, self._carried = self._carried, []
-        return carried + [self._output(self._pending.pop(seq.seq_id), seq) for seq in self.llm_engine.step()]
+        done = []
+        for seq in self.llm_engine.step():
+            request = self._pending.pop(seq.seq_id)
+            request.finished.append(seq)
+            if len(request.finished) == request.params.n:
+                done.append(request_output(request, self.tokenizer, self._token_text))
+        return carried + done
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (vLLM's); the blocks return to the free pool."""
+        self.llm_engine.scheduler.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending or self._carried)
 
-    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, default_seed: int | None) -> None:
+    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         text, ids = self._tokenize(prompt)
-        seq = self.llm_engine.add_request(ids, params, default_seed=default_seed)
-        self._pending[seq.seq_id] = (request_id, text)
+        request = PendingRequest(request_id, text, params)
+        for seq in self.llm_engine.add_request(ids, params, default_seed=None):
+            self._pending[seq.seq_id] = request
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = False):
         batch = messages if messages and isinstance(messages[0], list) else [messages]
@@ -114,14 +129,6 @@ class LLM:
             f"unsupported prompt {type(prompt).__name__}: give a string, a list of token ids, or a dict "
             "with 'prompt', 'prompt_token_ids' or 'messages'"
         )
-
-    def _output(self, request: tuple[str, str | None], seq) -> RequestOutput:
-        request_id, text = request
-        out = CompletionOutput(
-            index=0, text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
-            token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason, error=seq.error,
-        )
-        return RequestOutput(request_id, text, list(seq.prompt_token_ids), [out], finished=True)
 
     def shutdown(self) -> None:
         self.llm_engine.shutdown()

@@ -12,14 +12,20 @@ from pathlib import Path
 
 from tprun.config import EngineConfig, SamplingParams
 from tprun.engine.block_manager import BlockManager
+from tprun.engine.request_options import RequestError, sampling_options
 from tprun.engine.scheduler import Scheduler
 from tprun.engine.sequence import Sequence
+from tprun.engine.stop_strings import StopStringChecker
 from tprun.executor import EXECUTORS
 from tprun.worker.step import SamplingOptions, StepInput
 
+# The options of a request refused before its options could be built: it never reaches the worker.
+_REFUSED = SamplingOptions(temperature=0.0, top_p=1.0, top_k=-1, max_tokens=1, seed=0,
+                           stop_token_ids=frozenset(), ignore_eos=False)
+
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
         self.config = config
         self.executor = EXECUTORS[config.distributed_executor_backend](config)
         worker = self.executor.worker
@@ -29,46 +35,104 @@ class LLMEngine:
         num_blocks = self.executor.determine_num_available_blocks()
         self.executor.initialize_cache(num_blocks)
         self.scheduler = Scheduler(
-            BlockManager(num_blocks, config.block_size), config.max_num_seqs,
-            max(config.max_num_batched_tokens, self.max_model_len), self.max_model_len, self.vocab_size,
+            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching), config.max_num_seqs,
+            config.max_num_batched_tokens, self.max_model_len, self.vocab_size,  # longer prompts are chunked
         )
         self._ids = itertools.count()
-        self._finished_since_step: list[int] = []
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        self._structured = None
 
     @property
     def num_blocks(self) -> int:
         return self.scheduler.block_manager.num_blocks
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, default_seed: int | None) -> Sequence:
-        seq_id = next(self._ids)
-        options = SamplingOptions(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            max_tokens=params.max_tokens, seed=params.seed if params.seed is not None else (
-                default_seed if default_seed is not None else derive_seed(self.config.seed, seq_id)),
-            stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
-        )
-        seq = Sequence(seq_id, list(prompt_token_ids), options, self.eos_token_ids)
-        self.scheduler.add(seq)  # a refused request finishes with an error, reported by the next step
-        return seq
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    default_seed: int | None) -> list[Sequence]:
+        """Queue one request: `params.n` sibling sequences (sample i > 0 seeded from the request's seed and
+        i). A request the engine refuses finishes with an error, reported by the next step."""
+        first = next(self._ids)
+        seed = params.seed if params.seed is not None else (
+            default_seed if default_seed is not None else derive_seed(self.config.seed, first))
+        seqs = []
+        for i in range(params.n):
+            seq_id = first if i == 0 else next(self._ids)
+            try:
+                options, problem = sampling_options(params, seed if i == 0 else derive_seed(seed, i),
+                                                    self.vocab_size, self.eos_token_ids, self.tokenizer), None
+            except RequestError as e:
+                options, problem = _REFUSED, str(e)
+            seq = Sequence(seq_id, list(prompt_token_ids), options, self.eos_token_ids)
+            seqs.append(seq)
+            if problem is not None:
+                seq.finish("error", problem)
+                self.scheduler.finished_early.append(seq)
+                continue
+            if params.stop:
+                seq.stop_checker = StopStringChecker(self.tokenizer, seq.prompt_token_ids, tuple(params.stop),
+                                                     params.include_stop_str_in_output,
+                                                     params.skip_special_tokens, params.min_tokens)
+            if params.structured_outputs is not None:
+                seq.grammar = self.structured_outputs.submit(params.structured_outputs)
+            self.scheduler.add(seq)
+        return seqs
+
+    @property
+    def structured_outputs(self):
+        if self._structured is None:  # the grammar library loads only for jobs that use it
+            from tprun.engine.structured_outputs import StructuredOutputManager
+
+            self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._structured
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
         """Schedule, run the model, post-process; returns the sequences that finished."""
+        self._resolve_grammars()
         batch = self.scheduler.schedule()
         finished, self.scheduler.finished_early = self.scheduler.finished_early, []
         if batch is None:
             if self.scheduler.has_unfinished() and not finished:
                 raise RuntimeError("scheduler made no progress with requests pending (a bug)")
             return finished
-        step = StepInput([s.step_input(n) for s, n in zip(batch.seqs, batch.num_new_tokens)],
-                         batch.is_prefill, self._finished_since_step)
-        self._finished_since_step = []
-        token_ids = self.executor.execute_model(step)
-        finished += self.scheduler.postprocess(batch, token_ids)
-        self._finished_since_step += [s.seq_id for s in finished]
+        seqs = [s.step_input(n, sample) for s, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample)]
+        bitmask, rows = self._bitmask(batch)
+        step = StepInput(seqs, batch.is_prefill, bitmask, rows)
+        out = self.executor.execute_model(step)
+        finished += self.scheduler.postprocess(batch, out)
         return finished
+
+    def _resolve_grammars(self) -> None:
+        """Structured-output requests compile in the background from the moment they arrive; one is
+        waited for only when it may be scheduled (the queue's head), so the decision to wait never
+        depends on how fast a compile was, and every rank makes it at the same step."""
+        head = list(itertools.islice(self.scheduler.waiting, self.config.max_num_seqs))
+        for seq in head:
+            if seq.grammar is None or seq.matcher is not None:
+                continue
+            from tprun.engine.structured_outputs import StructuredOutputError
+
+            try:
+                compiled = seq.grammar.result(timeout=self.config.dist_timeout_s)
+            except StructuredOutputError as e:
+                self.scheduler.waiting.remove(seq)
+                seq.finish("error", f"structured_outputs: {e}")
+                self.scheduler.finished_early.append(seq)
+                continue
+            seq.matcher = self.structured_outputs.new_matcher(compiled)
+
+    def _bitmask(self, batch):
+        """The step's structured-output rows, and a function that fills their masks: the worker calls it
+        once the model's forward pass is launched, so on a GPU the host fills masks while the GPU runs."""
+        if any(s.grammar is not None and s.matcher is None for s in batch.seqs):
+            raise RuntimeError("a structured-output request was scheduled before its grammar (a bug)")
+        rows = [i for i, (s, sample) in enumerate(zip(batch.seqs, batch.sample))
+                if sample and s.matcher is not None]
+        if not rows:
+            return None, []
+        matchers = [batch.seqs[i].matcher for i in rows]
+        return (lambda: self.structured_outputs.fill_bitmasks(matchers)), rows
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -90,3 +154,9 @@ def _eos_ids(hf_config, model_dir: str) -> frozenset[int]:
 def derive_seed(base: int, index: int) -> int:
     """A request's seed when it has none: a fixed function of the engine seed and an index."""
     return (base * 1_000_003 + index * 7_919 + 12_345) % (2**31 - 1)
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

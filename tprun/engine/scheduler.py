@@ -1,7 +1,10 @@
-"""Deterministic continuous batching: FCFS prefill, then decode; preempt the newest by recompute.
+"""Deterministic continuous batching with chunked prefill (vLLM v1 style); preemption by recompute.
 
-Every decision depends only on the sequence of add/schedule/postprocess calls, never on timing or
-memory measured at run time, so all ranks of a TP group make the same decisions without talking.
+Each step has one token budget (max_num_batched_tokens): the running decodes first, one token each,
+then the running sequences still prefilling, then waiting sequences, whose prompts are cut into chunks
+that fit what is left. Every decision depends only on the sequence of add/schedule/postprocess calls,
+never on timing or memory measured at run time, so all ranks of a TP group make the same decisions
+without talking.
 """
 
 from __future__ import annotations
@@ -11,13 +14,23 @@ from dataclasses import dataclass
 
 from tprun.engine.block_manager import BlockManager
 from tprun.engine.sequence import Sequence, SequenceStatus
+from tprun.worker.step import SamplerOutput
 
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    is_prefill: bool
+    is_prefill: bool  # False: every sequence has exactly one new token (a decode-shaped step: graphs)
     num_new_tokens: list[int]  # per sequence: tokens whose K/V this step computes
+    # Per sequence: does this step reach the end of its tokens, so that its sampled token is kept? False
+    # for a prompt chunk that is not the last one: its row's token must be dropped (and draw no noise).
+    sample: list[bool]
+
+    def add(self, seq: Sequence, num_new_tokens: int, sample: bool) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+        self.sample.append(sample)
+        self.is_prefill |= num_new_tokens != 1
 
 
 class Scheduler:
@@ -31,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_cached_prompt_tokens = 0  # summed over requests: prompt tokens served by the prefix cache
         # Refused when added, or failed while scheduling: the engine reports them from its next step.
         self.finished_early: list[Sequence] = []
 
@@ -63,64 +77,90 @@ class Scheduler:
         return bool(self.waiting or self.running or self.finished_early)
 
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        batch = ScheduledBatch([], False, [], [])
+        # Decodes before the chunks of prompts already started; within each, admission order.
+        decodes, chunks = [], []
+        for s in self.running:
+            (decodes if s.num_tokens - s.num_computed_tokens == 1 else chunks).append(s)
+        order = deque(decodes + chunks)
+        budget = self.max_num_batched_tokens
+        preempted: set[int] = set()
+        while order and budget > 0:
+            seq = order.popleft()
+            left = seq.num_tokens - seq.num_computed_tokens
+            n = min(left, budget)
+            while not self.block_manager.allocate_slots(seq, n):
+                if order:  # the lowest priority not yet scheduled makes room
+                    victim = order.pop()
+                elif batch.seqs:
+                    victim = seq
+                else:
+                    self._fail_alone(seq, n)
+                    preempted.add(seq.seq_id)
+                    break
+                self._preempt(victim)
+                preempted.add(victim.seq_id)
+                if victim is seq:
+                    break
+            else:  # batch.add, inlined: this loop runs for every decoding sequence every step
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                batch.sample.append(n == left)
+                batch.is_prefill |= n != 1
+                budget -= n
+        if preempted:  # the cache just ran out for a running sequence: admitting more would thrash
+            self.running = deque(s for s in self.running if s.seq_id not in preempted)
+        else:
+            self._admit(budget, batch)
+        return batch if batch.seqs else None
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs, counts, budget = [], [], self.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _admit(self, budget: int, batch: ScheduledBatch) -> None:
+        """Waiting sequences, first come first served, with the first chunk that fits the budget."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.num_tokens - seq.num_cached_tokens
-            if (seqs and n > budget) or not self.block_manager.can_allocate(seq, n):
+            prefix = bm.cached_prefix(seq)
+            left = seq.num_tokens - len(prefix) * bm.block_size
+            n = min(left, budget)
+            if not bm.allocate_slots(seq, n, prefix):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, n)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self.num_cached_prompt_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            seqs.append(seq)
-            counts.append(n)
+            batch.add(seq, n, n == left)
             budget -= n
-        return ScheduledBatch(seqs, True, counts) if seqs else None
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled: list[Sequence] = []
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.block_manager.can_allocate(seq, 1):
-                if self.running:
-                    self._preempt(self.running.pop())
-                elif scheduled:
-                    self._preempt(seq)
-                    break
-                else:
-                    self._fail_alone(seq)
-                    break
-            else:
-                self.block_manager.allocate(seq, 1)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        return ScheduledBatch(scheduled, False, [1] * len(scheduled)) if scheduled else None
-
-    def _fail_alone(self, seq: Sequence) -> None:
+    def _fail_alone(self, seq: Sequence, num_new_tokens: int) -> None:
         # It holds the whole cache and still cannot grow: preempting it would loop forever.
+        needed = seq.num_computed_tokens + num_new_tokens
         self.block_manager.free(seq)
         seq.finish("error", f"the KV cache ({self.block_manager.num_blocks} blocks of "
-                   f"{self.block_manager.block_size} tokens) cannot hold {seq.num_tokens + 1} tokens; "
+                   f"{self.block_manager.block_size} tokens) cannot hold {needed} tokens; "
                    "give the KV cache more memory or lower max_tokens")
         self.finished_early.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute, not swap: the sequence returns to the head of the queue and is prefilled again
-        # with its prompt and everything generated so far.
+        # with its prompt and everything generated so far (its freed blocks stay in the prefix cache,
+        # so it usually finds most of them again).
         self.num_preemptions += 1
+        seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.block_manager.free(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, out: SamplerOutput) -> list[Sequence]:
         finished = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, token_ids):
-            seq.num_cached_tokens += n
-            seq.append_token(token)
+        for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.sample)):
+            if out.prompt_logprobs[i] is not None:
+                seq.record_prompt_logprobs(seq.num_computed_tokens, out.prompt_logprobs[i])
+            seq.num_computed_tokens += n
+            if not sample:  # a prompt chunk short of the end: its row's token is not a generated one
+                continue
+            seq.append_token(out.token_ids[i], out.logprobs[i])
             seq.check_stop(self.max_model_len)
             if seq.is_finished:
                 self.block_manager.free(seq)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
-from tprun.worker.step import SamplingOptions, SeqStep
+from tprun.engine.stop_strings import StopStringChecker
+from tprun.worker.step import SampleLogprobs, SamplingOptions, SeqStep
 
 
 class SequenceStatus(enum.Enum):
@@ -23,9 +26,19 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0  # tokens whose K/V are already in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (vLLM's name): a prefill may take steps
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled (vLLM's)
+    num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
     finish_reason: str | None = None
     error: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string matched (vLLM's)
+    stop_checker: StopStringChecker | None = None
+    matcher: Any = None  # structured output: the grammar state after the tokens generated so far
+    grammar: Future | None = None  # structured output: the compile, resolved before first scheduling
+    logprobs: list[SampleLogprobs] | None = None
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[SampleLogprobs | None] | None = None  # index p: logprobs of prompt token p
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -46,23 +59,58 @@ class Sequence:
     def num_blocks_needed(self, block_size: int) -> int:
         return (self.num_tokens + block_size - 1) // block_size
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, logprobs: SampleLogprobs | None = None) -> None:
         self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs.logprob
+
+    def record_prompt_logprobs(self, start_pos: int, values: list[SampleLogprobs]) -> None:
+        """values[i] scores prompt token start_pos + 1 + i; a recompute after preemption repeats them."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * self.num_prompt_tokens
+        for i, v in enumerate(values):
+            if self.prompt_logprobs[start_pos + 1 + i] is None:
+                self.prompt_logprobs[start_pos + 1 + i] = v
 
     def check_stop(self, max_model_len: int) -> None:
         last = self.output_token_ids[-1]
         s = self.sampling
-        if last in s.stop_token_ids or (not s.ignore_eos and last in self.eos_token_ids):
-            self.finish("stop")
-        elif len(self.output_token_ids) >= s.max_tokens or self.num_tokens >= max_model_len:
+        n = len(self.output_token_ids)
+        if self.matcher is not None:
+            if not self.matcher.accept_token(last):
+                self.finish("error", f"token {last} does not fit the structured output grammar (a bug)")
+                return
+            if self.matcher.is_terminated():  # it took the EOS that closes the grammar (even with ignore_eos)
+                self.finish("stop")
+                return
+        if n > s.min_tokens or s.min_tokens == 0:
+            if last in s.stop_token_ids:
+                self.stop_reason = last
+                self.finish("stop")
+                return
+            if not s.ignore_eos and last in self.eos_token_ids:
+                self.finish("stop")
+                return
+        if self.stop_checker is not None:
+            matched = self.stop_checker.append(last, n)
+            if matched is not None:
+                self.stop_reason = matched
+                self.finish("stop")
+                return
+        if n >= s.max_tokens or self.num_tokens >= max_model_len:
             self.finish("length")
 
-    def step_input(self, num_new_tokens: int) -> SeqStep:
-        start = self.num_tokens - num_new_tokens
+    def step_input(self, num_new_tokens: int, sample: bool = True) -> SeqStep:
+        start = self.num_computed_tokens  # a prompt chunk need not end at the last token
         # A decode step needs only the last output token: slicing token_ids would copy the whole context.
         p = self.num_prompt_tokens
-        new = self.output_token_ids[start - p :] if start >= p else self.token_ids[start:]
-        return SeqStep(self.seq_id, new, start, list(self.block_table), self.sampling)
+        end = start + num_new_tokens
+        new = self.output_token_ids[start - p : end - p] if start >= p else self.token_ids[start:end]
+        return SeqStep(self.seq_id, new, start, list(self.block_table), self.sampling,
+                       self.prompt_token_ids, self.output_token_ids, sample)
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

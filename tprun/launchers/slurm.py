@@ -23,9 +23,12 @@ from typing import ClassVar
 from tprun.launchers.base import Launcher, LauncherError
 from tprun.launchers.hostlist import expand_counts, first_host
 
-# Below Linux's ephemeral range (32768-60999), so no outgoing connection can be holding the port.
-# 16 consecutive steps of a job, and jobs within 1000 ids of each other, never share a port.
-PORT_BASE, PORT_SPAN, STEPS_PER_JOB = 16000, 16000, 16
+# The derived master port: PORT_BASE + (job_id * STEPS_PER_JOB + step % STEPS_PER_JOB) mod PORT_SPAN, below
+# Linux's ephemeral range (32768-60999), so no outgoing connection can be holding it. PORT_SPAN is prime:
+# two (job, step) pairs share a port only when 16 * (job1 - job2) + (step1 - step2) is a multiple of it.
+# So no two steps of jobs fewer than 1047 ids apart share a port, and jobs with the same step collide only
+# when their ids differ by a multiple of 16763. (A span of 16000 made every job 1000 ids apart collide.)
+PORT_BASE, PORT_SPAN, STEPS_PER_JOB = 16000, 16763, 16
 
 
 class SlurmLauncher(Launcher):

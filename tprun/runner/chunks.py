@@ -9,11 +9,12 @@ of a group leave the loop together and none is left waiting in a collective.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from tprun.runner import keys
+from tprun.runner import keys, parts
 from tprun.runner.signals import StopFlag
 
 _NO_MORE, _STOP = -1, -2
@@ -49,6 +50,11 @@ class ChunkClaimer:
                             else "a stop signal on another rank of this TP group" if stop
                             else "stop requested by another group")
         return None if k < 0 else k
+
+    def write(self, out: Any, k: int, records: list[dict[str, Any]], stats: dict[str, Any]) -> bool:
+        """Leader only: chunk k's part; each chunk is handed out once per run, so it always counts."""
+        parts.write_part(out, k, records, stats)
+        return True
 
     def _claim(self) -> int:
         """Next chunk not finished by an earlier run; each index is handed out once per run."""

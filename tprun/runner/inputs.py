@@ -33,6 +33,7 @@ class Record:
     prompt: str | list[int] | list[dict[str, str]]
     kind: str  # one of PROMPT_FIELDS
     overrides: dict[str, Any] = field(default_factory=dict)  # per-line sampling fields
+    api: Any = None  # an OpenAI batch line's request (openai_batch.BatchRequest): what its answer echoes
 
     def engine_prompt(self) -> str | dict[str, Any]:
         return self.prompt if self.kind == "prompt" else {self.kind: self.prompt}
@@ -43,6 +44,7 @@ class LineError:
     line: int  # 0-based, like Record.line
     reason: str
     id: str | int | None = None
+    code: str = "invalid_request"  # the OpenAI batch error code, for OpenAI-form inputs
 
     def as_json(self) -> dict[str, Any]:
         # Users open the file in an editor: report the 1-based line number it shows.
@@ -68,14 +70,29 @@ def sampling_for(record: Record, defaults: SamplingParams, job_seed: int) -> Sam
     return params
 
 
-def parse_line(raw: bytes, line: int, defaults: SamplingParams, vocab_size: int | None = None
-               ) -> Record | LineError | None:
-    """One line -> a Record, a LineError saying what is wrong, or None for a blank line."""
+def parse_line(raw: bytes, line: int, defaults: SamplingParams, vocab_size: int | None = None,
+               input_format: str = "tprun") -> Record | LineError | None:
+    """One line -> a Record, a LineError saying what is wrong, or None for a blank line.
+
+    input_format is the file's resolved form, "tprun" or "openai" (see scan_input)."""
+    obj = _json_object(raw, line)
+    if obj is None or isinstance(obj, LineError):
+        return obj
+    from tprun.runner import openai_batch
+
+    if openai_batch.is_batch_line(obj) != (input_format == "openai"):
+        return openai_batch.mixed_forms_error(obj, line, input_format)
+    if input_format == "openai":
+        return openai_batch.parse_request(obj, line, defaults, vocab_size)
+    return _parse_tprun(obj, line, defaults, vocab_size)
+
+
+def _json_object(raw: bytes, line: int) -> dict[str, Any] | LineError | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return LineError(line, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}; "
-                               "re-encode the file as UTF-8")
+                               "re-encode the file as UTF-8", code="invalid_json_line")
     if line == 0:
         text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     if not text.strip():
@@ -83,10 +100,14 @@ def parse_line(raw: bytes, line: int, defaults: SamplingParams, vocab_size: int 
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return LineError(line, f"malformed JSON: {e.msg} at column {e.colno}")
+        return LineError(line, f"malformed JSON: {e.msg} at column {e.colno}", code="invalid_json_line")
     if not isinstance(obj, dict):
-        return LineError(line, f"expected a JSON object, got {_json_type(obj)}")
+        return LineError(line, f"expected a JSON object, got {_json_type(obj)}", code="invalid_json_line")
+    return obj
 
+
+def _parse_tprun(obj: dict[str, Any], line: int, defaults: SamplingParams, vocab_size: int | None
+                 ) -> Record | LineError:
     rid = obj.get("id", line)
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         return LineError(line, f"id must be a string or an integer, got {_json_type(rid)}")
@@ -167,6 +188,7 @@ class InputIndex:
     chunk_offsets: list[int] = field(default_factory=list)  # byte offset of line k * chunk_size
     errors: list[LineError] = field(default_factory=list)
     sha256: str = ""
+    format: str = "tprun"  # the lines' form: "tprun" or "openai" (OpenAI Batch API requests)
     _bad_lines: set[int] = field(default_factory=set)
 
     @property
@@ -186,7 +208,7 @@ class InputIndex:
                 raw = f.readline()
                 if line in self._bad_lines:
                     continue
-                rec = parse_line(raw, line, defaults, vocab_size)
+                rec = parse_line(raw, line, defaults, vocab_size, self.format)
                 if isinstance(rec, Record):
                     records.append(rec)
                 elif isinstance(rec, LineError):
@@ -195,12 +217,15 @@ class InputIndex:
 
 
 def scan_input(path: str | Path, chunk_size: int, defaults: SamplingParams,
-               vocab_size: int | None = None) -> InputIndex:
+               vocab_size: int | None = None, input_format: str = "auto") -> InputIndex:
     """Read the whole input once: per-line errors, duplicate ids, chunk offsets and a content hash.
 
     A duplicate id is an error on every occurrence after the first, so the first one still runs.
+    input_format "auto": the first line that is a JSON object decides the form of the whole file.
     """
     index = InputIndex(path=Path(path), chunk_size=chunk_size)
+    index.format = "tprun" if input_format == "auto" else input_format
+    undecided = input_format == "auto"
     digest = hashlib.sha256()
     first_line_of: dict[tuple[bool, str | int], int] = {}
     offset = 0
@@ -211,14 +236,20 @@ def scan_input(path: str | Path, chunk_size: int, defaults: SamplingParams,
             offset += len(raw)
             digest.update(raw)
             index.num_lines = line + 1
-            rec = parse_line(raw, line, defaults, vocab_size)
+            if undecided and isinstance(obj := _json_object(raw, line), dict):
+                from tprun.runner.openai_batch import is_batch_line
+
+                index.format, undecided = ("openai" if is_batch_line(obj) else "tprun"), False
+            rec = parse_line(raw, line, defaults, vocab_size, index.format)
             if rec is None:
                 continue
             if isinstance(rec, Record):
                 key = (isinstance(rec.id, str), rec.id)
                 if key in first_line_of:
-                    rec = LineError(line, f"duplicate id {rec.id!r} (first used on line "
-                                          f"{first_line_of[key] + 1}); ids must be unique", rec.id)
+                    name = "custom_id" if index.format == "openai" else "id"
+                    rec = LineError(line, f"duplicate {name} {rec.id!r} (first used on line "
+                                          f"{first_line_of[key] + 1}); {name}s must be unique", rec.id,
+                                    code=f"duplicate_{name}")
                 else:
                     first_line_of[key] = line
                     index.num_records += 1

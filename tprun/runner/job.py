@@ -1,6 +1,7 @@
 """`tprun run`: a JSONL file in, OUT/results.jsonl out, for DP x TP jobs that survive.
 
-    plan (every rank, local files only) -> engine (rendezvous) -> agree on the job, rank 0 sets OUT up
+    plan (every rank, local files only) -> every rank hears every rank's verdict (startup.py)
+    -> engine (rendezvous), verdicts again -> agree on the job (agree.py), rank 0 sets OUT up
     -> claim chunks while the batch has room / step the engine / write each finished chunk, until no
        chunk is left or a stop signal
     -> rank 0 merges when every group is done -> every rank exits with rank 0's verdict
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tprun.config import JobSpec
-from tprun.runner import keys, manifest, parts
+from tprun.runner import keys, parts
 from tprun.runner.exit_codes import (
+    EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_JOB_ERROR,
     EXIT_OK,
@@ -30,9 +32,12 @@ from tprun.runner.exit_codes import (
 )
 from tprun.runner.failures import PeerFailed, explain_failure
 from tprun.runner.inputs import Record, sampling_for
-from tprun.runner.plan import JobPlan, plan_job
+from tprun.runner.plan import JobPlan, Log, launch_args, plan_job
 from tprun.runner.preflight import JobError
 from tprun.runner.progress import Progress, format_summary
+from tprun.runner.records import completion_tokens, record_format
+from tprun.runner.startup import READY, StartupBoard, open_board, settle
+from tprun.runner.store_values import StoreValueError, get_int, get_json, get_text, int_list
 
 # How often a rank proves it is alive, and how long a silent rank has before it is declared lost.
 # Detection + reaction stays well inside the 60 s a dead rank may keep the others waiting.
@@ -53,41 +58,77 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, quiet: bool = False) -> i
     stop = StopFlag().install()
     try:
         try:
-            plan = plan_job(spec, overwrite)
+            launcher, dargs = launch_args()
         except JobError as e:
             print(f"tprun: error: {e}", file=sys.stderr, flush=True)
             return EXIT_JOB_ERROR
-        if isinstance(plan, int):
+        log = Log(dargs.rank, dargs.world_size)
+        stop.log = log
+        board = None
+        if dargs.world_size > 1 and dargs.rank == 0:  # the store from the start: reachable while rank 0 plans
+            board = open_board(spec, launcher, dargs, log, ready=True)
+            if board is None:
+                return EXIT_FAILED
+        try:
+            plan: JobPlan | int = plan_job(spec, overwrite, dargs, log)
+            code, reason = (READY, "") if isinstance(plan, JobPlan) else (plan, f"exit code {plan} (see its log)")
+        except JobError as e:
+            log(f"error: {e}")
+            plan, code, reason = EXIT_JOB_ERROR, EXIT_JOB_ERROR, str(e)
+        if dargs.world_size > 1:
+            board = board or open_board(spec, launcher, dargs, log, ready=code == READY)
+            if board is None:
+                return EXIT_PEER_FAILED if code == READY else code
+            code = settle(board, "plan", code, reason, log)
+            if code != READY:
+                return code
+        if not isinstance(plan, JobPlan):
             return plan
-        stop.log = plan.log
-        return _run(plan, quiet, stop)
+        return _run(plan, quiet, stop, board)
     finally:
         # Only now: a stop signal that lands after the verdict must not kill the process with it unreported.
         stop.restore()
 
 
-def _run(plan: JobPlan, quiet: bool, stop: Any) -> int:
+def _run(plan: JobPlan, quiet: bool, stop: Any, board: StartupBoard | None) -> int:
     spec, log = plan.spec, plan.log
     from tprun.engine.llm import LLM
 
-    try:
-        llm = LLM(model=spec.model, tensor_parallel_size=spec.parallel.tensor_parallel_size,
-                  data_parallel_size=spec.parallel.data_parallel_size, dtype=spec.dtype, **spec.engine)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        log(f"error: {e}")
-        return EXIT_JOB_ERROR
-    except Exception as e:  # noqa: BLE001 - any engine start failure becomes an exit code, not a traceback
-        log(f"error: the engine failed to start: {type(e).__name__}: {e}")
-        return EXIT_FAILED
+    llm, code, reason = None, READY, ""
+    with board.guard("engine") if board is not None else contextlib.nullcontext():
+        try:
+            llm = LLM(model=spec.model, tensor_parallel_size=spec.parallel.tensor_parallel_size,
+                      data_parallel_size=spec.parallel.data_parallel_size, dtype=spec.dtype, **spec.engine)
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            log(f"error: {e}")
+            code, reason = EXIT_JOB_ERROR, str(e)
+        except Exception as e:  # noqa: BLE001 - any engine start failure becomes an exit code, not a traceback
+            log(f"error: the engine failed to start: {type(e).__name__}: {e}")
+            code, reason = EXIT_FAILED, f"the engine failed to start: {type(e).__name__}: {e}"
+    if board is not None:
+        code = settle(board, "engine", code, reason, log)
+    if code != READY:
+        # An engine that failed half-way may leave its process groups behind, with a collective the
+        # others abandoned: release them here, bounded, rather than at interpreter exit, unbounded.
+        _shutdown(llm.shutdown if llm is not None else _destroy_process_groups, code)
+        return code
     code = EXIT_FAILED
     try:
         code = _run_engine(plan, llm, quiet, stop)
         return code
     finally:
-        _shutdown(llm, code)
+        _shutdown(llm.shutdown, code)
 
 
-def _shutdown(llm: Any, code: int) -> None:
+def _destroy_process_groups() -> None:
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):  # best effort: the verdict is already decided and published
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _shutdown(close: Any, code: int) -> None:
     """Tear the engine down, bounded: after a peer died mid-collective, destroying the process group
     could block (NCCL) forever; then leave with the exit code already decided."""
     import threading
@@ -97,18 +138,19 @@ def _shutdown(llm: Any, code: int) -> None:
     timer.daemon = True
     timer.start()
     try:
-        llm.shutdown()
+        close()
     finally:
         timer.cancel()
 
 
 def _run_engine(plan: JobPlan, llm: Any, quiet: bool, stop: Any) -> int:
+    from tprun.runner.agree import agree_on_job
     from tprun.runner.chunks import ChunkClaimer
     from tprun.runner.watchdog import Watchdog
 
     ctx, log = llm.dist, plan.log
     try:
-        _agree_on_job(plan, ctx)
+        agree_on_job(plan, ctx)
     except JobError as e:
         log(f"error: {e}")
         return EXIT_JOB_ERROR
@@ -140,7 +182,7 @@ def _run_engine(plan: JobPlan, llm: Any, quiet: bool, stop: Any) -> int:
             code = _finish(plan, ctx, watchdog, progress, time.monotonic() - t0)
             ctx.store.set(keys.FINAL, str(code))
         else:
-            code = _await(ctx.store, keys.FINAL, watchdog)
+            code = _final(ctx.store, watchdog)
     except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it and stop
         code, failed = explain_failure(e, ctx, watchdog, plan.log), True
     finally:
@@ -152,45 +194,6 @@ def _run_engine(plan: JobPlan, llm: Any, quiet: bool, stop: Any) -> int:
     elif ctx.rank == 0 and ctx.world_size > 1:
         time.sleep(watchdog.linger_s)  # rank 0 hosts the store: let the others read why before it goes
     return code
-
-
-def _agree_on_job(plan: JobPlan, ctx: Any) -> None:
-    """Every rank must have read the same input, model and spec, and see rank 0's OUT; then rank 0 sets
-    OUT up for this job. Collectives, so every rank reaches the same verdict and none waits for another.
-
-    Nothing is written into OUT before this point: every rank's local checks read the same OUT.
-    """
-    import torch.distributed as dist
-
-    def gather(mine: Any) -> list[Any]:
-        views: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(views, mine, group=ctx.world_cpu_group)
-        return views
-
-    views = gather((manifest.fingerprint(plan.identity), socket.gethostname()))
-    odd = [r for r, (fp, _) in enumerate(views) if fp != views[0][0]]
-    if odd:
-        raise JobError(
-            f"rank(s) {odd} (on {sorted({views[r][1] for r in odd})}) read a different input, model or spec "
-            f"than rank 0 (on {views[0][1]}); every rank needs the same files, e.g. on a shared filesystem"
-        )
-    problem = None
-    if ctx.rank == 0:
-        try:
-            manifest.prepare(plan.out, plan.identity, plan.state)
-            parts.remove_stale_temporaries(plan.out)
-        except OSError as e:
-            problem = f"rank 0 cannot set up {plan.out}: {e}"
-    problem = gather(problem)[0]  # also the barrier behind rank 0's writes
-    if problem:
-        raise JobError(problem)
-    seen = gather(manifest.load(plan.out) is not None)
-    blind = [r for r, sees in enumerate(seen) if not sees]
-    if blind:
-        raise JobError(
-            f"rank(s) {blind} (on {sorted({views[r][1] for r in blind})}) do not see the manifest rank 0 wrote "
-            f"into {plan.out} on {views[0][1]}; --output must be a directory shared by all nodes"
-        )
 
 
 @dataclass
@@ -246,9 +249,12 @@ def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
 
 
 def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any]) -> None:
-    results = [_result(r, chunk.outputs[str(i)]) for i, r in enumerate(chunk.records)]
-    tokens = sum(len(r["output_token_ids"]) for r in results)
+    outs = [chunk.outputs[str(i)] for i in range(len(chunk.records))]
+    tokens = sum(completion_tokens(o) for o in outs)
     if ctx.is_tp_leader:
+        fmt = record_format(plan)
+        results = [{"line": r.line, **fmt.result(r, o, sampling_for(r, plan.spec.sampling, plan.job_seed))}
+                   for r, o in zip(chunk.records, outs)]
         parts.write_part(plan.out, chunk.index, results, {
             "chunk": chunk.index, "records": len(results), "tokens": tokens,
             "seconds": round(time.monotonic() - chunk.started, 3), "group": ctx.dp_rank,
@@ -257,17 +263,8 @@ def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any]) 
         ctx.store.add(keys.RECORDS_DONE, len(results))
         ctx.store.add(keys.TOKENS_DONE, tokens)
     stats["chunks"] += 1
-    stats["records"] += len(results)
+    stats["records"] += len(outs)
     stats["tokens"] += tokens
-
-
-def _result(record: Record, out: Any) -> dict[str, Any]:
-    c = out.outputs[0]
-    res = {"line": record.line, "id": record.id, "output_text": c.text, "output_token_ids": list(c.token_ids),
-           "finish_reason": c.finish_reason, "num_prompt_tokens": len(out.prompt_token_ids)}
-    if c.finish_reason == "error":
-        res["error"] = c.error
-    return res
 
 
 def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
@@ -277,14 +274,13 @@ def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, e
     handed out or the job is already stopping, so what is still running are in-flight chunks, which a
     stop would let finish anyway.
     """
-    groups = [json.loads(_await(ctx.store, keys.group_result(g), watchdog, raw=True))
-              for g in range(ctx.dp_size)]
+    groups = [_group_result(ctx, g, watchdog) for g in range(ctx.dp_size)]
     if progress is not None:
         progress.close()
     stopped = [g for g in groups if g["stopped"]]
     missing = [k for k in range(plan.index.num_chunks) if not parts.is_done(plan.out, k)]
     if missing and stopped:
-        why = ctx.store.get(keys.STOP).decode() if ctx.store.check([keys.STOP]) else stopped[0]["stopped"]
+        why = get_text(ctx.store, keys.STOP) if ctx.store.check([keys.STOP]) else stopped[0]["stopped"]
         plan.log(f"stopped ({why}) with {len(missing)} of {plan.index.num_chunks} chunks "
                  f"left; exiting with {EXIT_REQUEUE} so the job is requeued; rerun to resume")
         return EXIT_REQUEUE
@@ -293,7 +289,7 @@ def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, e
             f"every group finished but chunk(s) {missing[:5]} are not in {plan.out / parts.PARTS}; "
             "is --output a directory shared by all nodes?"
         )
-    merged = parts.merge(plan.out, plan.index.num_chunks, plan.index.errors)
+    merged = parts.merge(plan.out, plan.index.num_chunks, plan.index.errors, record_format(plan))
     summary = {
         "records": merged.records, "errors": merged.errors, "prompt_tokens": merged.prompt_tokens,
         "output_tokens": merged.output_tokens, "seconds": round(elapsed, 3),
@@ -307,18 +303,36 @@ def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, e
     return EXIT_OK
 
 
-def _await(store: Any, key: str, watchdog: Any, raw: bool = False) -> Any:
+def _await(store: Any, key: str, watchdog: Any) -> None:
     """Poll for a key with no timeout of its own: the watchdog ends the wait if a rank is lost.
 
-    `check` + `get` instead of a blocking `wait`, which would hold this store connection for its timeout.
+    `check` instead of a blocking `wait`, which would hold this store connection for its timeout.
     """
     while not store.check([key]):
         reason = watchdog.aborted()
         if reason is not None:
             raise PeerFailed(reason)
         time.sleep(POLL_S)
-    value = store.get(key).decode()
-    return value if raw else int(value)
+
+
+_EXIT_CODES = frozenset({EXIT_OK, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_PEER_FAILED})
+_GROUP_FIELDS = {"group": int, "ranks": list, "chunks": int, "records": int, "tokens": int,
+                 "seconds": (int, float), "stopped": (str, type(None))}
+
+
+def _final(store: Any, watchdog: Any) -> int:
+    _await(store, keys.FINAL, watchdog)
+    return get_int(store, keys.FINAL, _EXIT_CODES)
+
+
+def _group_result(ctx: Any, g: int, watchdog: Any) -> dict[str, Any]:
+    key = keys.group_result(g)
+    _await(ctx.store, key, watchdog)
+    group = get_json(ctx.store, key, _GROUP_FIELDS)
+    int_list(key, group["ranks"], 0, ctx.world_size)
+    if group["group"] != g or min(group["chunks"], group["records"], group["tokens"]) < 0:
+        raise StoreValueError(f"malformed value under store key {key!r}: not the result of group {g}")
+    return group
 
 
 def _hard_exit(code: int, why: str) -> None:

@@ -1,6 +1,7 @@
 """OUT/manifest.json: which job an output directory belongs to, so a rerun resumes only its own job.
 
-The fingerprint covers what decides the records: model (config and weight files, not their path),
+The fingerprint covers what decides the records: model (config, weight, tokenizer, chat template and
+generation config files, not their path),
 input content (not its path), dtype, tensor-parallel size, sampling, the engine seed and chunk size.
 It leaves out what a user changes to make a job fit or run elsewhere (dp, memory and batching knobs,
 timeouts, launcher resources), so a requeued job may resume with a different number of DP groups.
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from tprun.config import JobSpec
+from tprun.runner.leases import create_exclusive
 from tprun.runner.parts import SUCCESS, atomic_write, clear_outputs
 from tprun.runner.preflight import JobError
 
@@ -23,7 +26,7 @@ VERSION = 1
 _OPERATIONAL = frozenset({
     "block_size", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_memory",
     "num_gpu_blocks_override", "enforce_eager", "device", "distributed_executor_backend",
-    "divergence_check_interval", "dist_timeout_s",
+    "divergence_check_interval", "dist_timeout_s", "enable_prefix_caching",
 })
 
 State = Literal["new", "resume", "complete", "replace"]
@@ -33,7 +36,7 @@ def job_identity(spec: JobSpec, input_sha256: str, num_lines: int, model: dict[s
     return {
         "version": VERSION,
         "model": model,
-        "input": {"sha256": input_sha256, "lines": num_lines},
+        "input": {"sha256": input_sha256, "lines": num_lines, "format": spec.input_format},
         "dtype": spec.dtype,
         "tensor_parallel_size": spec.parallel.tensor_parallel_size,
         "sampling": spec.sampling.model_dump(),
@@ -46,6 +49,23 @@ def job_identity(spec: JobSpec, input_sha256: str, num_lines: int, model: dict[s
 
 def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def components(identity: dict[str, Any]) -> dict[str, str]:
+    """A digest per part of the job a rank reads for itself ("model file tokenizer.json", "input",
+    "sampling", ...), so ranks that disagree can be told which file or setting differs."""
+    def digest(value: Any) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    model = dict(identity.get("model", {}))
+    out = {"model file config.json": digest(model.pop("config_sha256", ""))}
+    for group in ("safetensors", "files"):
+        out.update({f"model file {name}": digest(d) for name, d in model.pop(group, {}).items()})
+    if model:
+        out["model"] = digest(model)
+    out.update({key: digest(value) for key, value in identity.items() if key != "model"})
+    return out
 
 
 def load(out: Path) -> dict[str, Any] | None:
@@ -96,5 +116,11 @@ def prepare(out: Path, identity: dict[str, Any], state: State) -> None:
     if state == "replace":
         clear_outputs(out)
     if state in ("new", "replace"):
-        atomic_write(out / MANIFEST, (json.dumps({"fingerprint": fingerprint(identity), "identity": identity},
-                                                 indent=2, default=str) + "\n").encode())
+        # "created": the job's start, once for all ranks and reruns (OpenAI batch answers echo it).
+        body = (json.dumps({"fingerprint": fingerprint(identity), "identity": identity,
+                            "created": int(time.time())}, indent=2, default=str) + "\n").encode()
+        if state == "replace":
+            atomic_write(out / MANIFEST, body)
+        elif not create_exclusive(out / MANIFEST, body):
+            # Independent groups that start together: one manifest wins, and it must be this job's.
+            check(out, identity, overwrite=False)

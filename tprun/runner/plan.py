@@ -18,6 +18,7 @@ from tprun.runner import manifest, parts
 from tprun.runner.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from tprun.runner.inputs import InputIndex, scan_input
 from tprun.runner.preflight import JobError, check_input, check_model, check_output, check_world
+from tprun.runner.records import format_for
 
 
 class Log:
@@ -42,20 +43,24 @@ class JobPlan:
     job_seed: int = 0
 
 
-def plan_job(spec: JobSpec, overwrite: bool) -> JobPlan | int:
+def launch_args() -> tuple[Any, Any]:
+    """(launcher, DistributedArgs) of this process; JobError when the launcher's environment is wrong."""
+    from tprun.launchers import LauncherError, detect_launcher
+
+    try:
+        launcher = detect_launcher()
+        return launcher, launcher.distributed_args()
+    except LauncherError as e:
+        raise JobError(str(e)) from None
+
+
+def plan_job(spec: JobSpec, overwrite: bool, dargs: Any, log: Log) -> JobPlan | int:
     """The plan, or the exit code when the job ends here (nothing to do, or rejected input).
 
     Raises JobError for a job that cannot run as specified."""
     from pydantic import ValidationError
 
-    from tprun.launchers import LauncherError, detect_launcher
-
-    try:
-        dargs = detect_launcher().distributed_args()
-    except LauncherError as e:
-        raise JobError(str(e)) from None
     check_world(spec, dargs.world_size, dargs.launcher)
-    log = Log(dargs.rank, dargs.world_size)
     try:
         engine_config = spec.engine_config()
     except ValidationError as e:
@@ -65,7 +70,7 @@ def plan_job(spec: JobSpec, overwrite: bool) -> JobPlan | int:
     check_output(spec.output)
     out = Path(spec.output)
     try:
-        index = scan_input(spec.input, spec.chunk_size, spec.sampling, model.vocab_size)
+        index = scan_input(spec.input, spec.chunk_size, spec.sampling, model.vocab_size, spec.input_format)
     except OSError as e:
         raise JobError(f"cannot read input {spec.input}: {e.strerror}") from None
     identity = manifest.job_identity(spec, index.sha256, index.num_lines, model.identity)
@@ -81,7 +86,8 @@ def plan_job(spec: JobSpec, overwrite: bool) -> JobPlan | int:
         more = f"\n  ... and {len(index.errors) - 5} more" if len(index.errors) > 5 else ""
         if spec.on_bad_input == "fail" or index.num_records == 0:
             if dargs.rank == 0:
-                parts.write_errors(out, [e.as_json() for e in index.errors])
+                fmt = format_for(index.format, identity, out, spec.model)
+                parts.write_errors(out, [fmt.line_error(e) for e in index.errors])
             why = ("--on-bad-input fail" if index.num_records
                    else f"none of the {index.num_lines} lines is a valid record")
             log(f"error: {len(index.errors)} bad input line(s) in {spec.input} ({why}); all listed in "

@@ -104,8 +104,30 @@ def check_model(path: str) -> ModelInfo:
     vocab = text_config.get("vocab_size")
     return ModelInfo(
         vocab_size=vocab if isinstance(vocab, int) else None,
-        identity={"config_sha256": hashlib.sha256(config_bytes).hexdigest(), "safetensors": digests},
+        identity={"config_sha256": hashlib.sha256(config_bytes).hexdigest(), "safetensors": digests,
+                  "files": _text_file_digests(model)},
     )
+
+
+# What besides config and weights decides the tokens: how text becomes ids (tokenizer), how messages
+# become text (chat templates) and the defaults generation reads. Small files: hashed whole.
+_TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+               "generation_config.json", "preprocessor_config.json")
+_TEXT_GLOBS = ("*.model", "*.tiktoken", "additional_chat_templates/*.jinja")
+
+
+def _text_file_digests(model: Path) -> dict[str, str]:
+    names = {n for n in _TEXT_FILES if (model / n).is_file()}
+    names |= {p.relative_to(model).as_posix() for g in _TEXT_GLOBS for p in model.glob(g) if p.is_file()}
+    digests = {}
+    for name in sorted(names):
+        try:
+            with open(model / name, "rb") as f:
+                digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise JobError(f"cannot read {model / name}: {e.strerror}") from None
+    return digests
 
 
 # Bytes of weight data read from each end of a file for its digest: hashing 100 GB on every rank would

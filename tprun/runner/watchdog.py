@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from tprun.runner import keys
+from tprun.runner.store_values import StoreValueError, get_text, printable
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -72,14 +73,14 @@ class Watchdog:
         # Naming the rank's host is best effort: the store may be the thing that is gone.
         with contextlib.suppress(*_STORE_ERRORS):
             if self.store.check([_host_key(rank)]):
-                return f"rank {rank} ({self.store.get(_host_key(rank)).decode()})"
+                return f"rank {rank} ({get_text(self.store, _host_key(rank), 512)})"
         return f"rank {rank}"
 
     def abort(self, reason: str) -> None:
         """Tell every rank to stop, first writer wins (best effort: the store may be gone)."""
         self._published = True
         with contextlib.suppress(*_STORE_ERRORS):
-            self.store.compare_set(keys.ABORT, "", reason)
+            self.store.compare_set(keys.ABORT, "", printable(reason))
 
     def aborted(self) -> str | None:
         with contextlib.suppress(*_STORE_ERRORS):
@@ -121,6 +122,8 @@ class Watchdog:
                     elif now - seen_at > self.timeout_s:
                         self._die(f"{self.describe(watched)} stopped heartbeating {now - seen_at:.0f} s ago "
                                   f"(seen by rank {self.rank}); it died or hangs")
+            except StoreValueError as e:
+                self._die(str(e))
             except _STORE_ERRORS as e:
                 if self._stop.is_set():
                     return
@@ -131,7 +134,7 @@ class Watchdog:
 
     def _read_abort(self) -> str | None:
         if self.store.check([keys.ABORT]):
-            return self.store.get(keys.ABORT).decode()
+            return get_text(self.store, keys.ABORT)
         return None
 
     def _guard(self) -> None:

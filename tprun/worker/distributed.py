@@ -81,15 +81,22 @@ _STORES: dict[tuple[str, int, int], dist.Store] = {}
 _GENERATION = [0]
 
 
-def _job_store(dargs, timeout: datetime.timedelta) -> dist.Store:
+def connect_store(dargs, timeout_s: float) -> dist.Store:
+    """The job's store itself (created once per master address); the runner uses it to agree on
+    starting before the process groups exist, and the process groups then reuse it."""
     key = (dargs.master_addr, dargs.master_port, dargs.rank)
     if key not in _STORES:
-        _STORES[key] = _make_store(dargs, timeout)
+        _STORES[key] = _make_store(dargs, datetime.timedelta(seconds=timeout_s))
+    return _STORES[key]
+
+
+def _job_store(dargs, timeout: datetime.timedelta) -> dist.Store:
+    store = connect_store(dargs, timeout.total_seconds())
     _GENERATION[0] += 1
     # torchrun's agent store outlives a restarted attempt: without the attempt number, attempt 1
     # would read attempt 0's stale addresses.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"tprun/attempt-{attempt}/{_GENERATION[0]}/", _STORES[key])
+    return dist.PrefixStore(f"tprun/attempt-{attempt}/{_GENERATION[0]}/", store)
 
 
 def _make_store(dargs, timeout: datetime.timedelta) -> dist.Store:

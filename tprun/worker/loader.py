@@ -98,9 +98,9 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     module.weight_loader(params[target], _LazyTensor(handle, name), placement.shard)
                 except ValueError as e:
                     raise ValueError(f"checkpoint tensor {name!r} in {path}: {e}") from e
-                loaded[target].add(placement.shard)
+                loaded[target].update(placement.fills or (placement.shard,))
 
-    missing = [name for name in params if loaded[name] != _parts(model, name)]
+    missing = [name for name in params if loaded[name] not in _parts(model, name)]
     if missing:
         raise ValueError(
             f"the checkpoint in {model_dir} lacks weights the model needs: {', '.join(missing)} "
@@ -108,6 +108,11 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         )
 
 
-def _parts(model: nn.Module, param_name: str) -> set:
-    """The shard ids a parameter is loaded in: the fused layers' parts, or {None} for a whole tensor."""
-    return set(getattr(model.get_submodule(param_name.rpartition(".")[0]), "shard_ids", (None,)))
+def _parts(model: nn.Module, param_name: str) -> list[set]:
+    """The sets of shard ids that fill a parameter: the fused layers' parts, {None} for a whole tensor, or
+    for experts either every (part, expert) or one stacked tensor."""
+    module_name, _, leaf = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "expected_shards"):
+        return module.expected_shards(leaf)
+    return [set(getattr(module, "shard_ids", (None,)))]

@@ -14,7 +14,7 @@ from tprun.worker.attention_metadata import AttentionMetadata
 from tprun.worker.models import load_model
 from tprun.worker.parallel import TPGroup
 from tprun.worker.sampler import Sampler
-from tprun.worker.step import SeqStep, StepInput
+from tprun.worker.step import SamplerOutput, SeqStep, StepInput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -64,50 +64,95 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_cuda_budget(self, utilization: float) -> int:
         # A worst-case prefill without a cache shows the activation peak the cache must leave room for;
-        # the logits and sampler buffers of a full decode batch come on top (float32, a few copies).
+        # the logits and sampler buffers of a full decode batch come on top (float32, a few copies), and
+        # so do the decode kernels' scratch and the memory the CUDA graphs keep (estimated, see below).
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         n = min(self.max_num_batched_tokens, self.max_model_len * self.max_num_seqs)
-        lens = _split(n, self.max_model_len)
-        meta = self._metadata([0] * len(lens), lens, [[] for _ in lens], is_prefill=True, slots=None)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.cat([torch.arange(x, device=self.device) for x in lens])
-        hidden = self.model(ids, pos, meta)
-        self.model.compute_logits(hidden[: min(len(hidden), self.max_num_seqs)])
-        torch.cuda.synchronize(self.device)
+        try:
+            lens = _split(n, self.max_model_len)
+            meta = self._metadata([0] * len(lens), lens, [[] for _ in lens], is_prefill=True, slots=None)
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            pos = torch.cat([torch.arange(x, device=self.device) for x in lens])
+            hidden = self.model(ids, pos, meta)
+            self.model.compute_logits(hidden[: min(len(hidden), self.max_num_seqs)])
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError included
+            _raise_if_oom(e, f"profiling a worst-case prefill of {n} tokens (before the KV cache exists)",
+                          "lower max_num_batched_tokens or max_model_len, or raise --tp")
+            raise
         peak = torch.cuda.max_memory_allocated(self.device)
         allocated = torch.cuda.memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         torch.cuda.empty_cache()
         sampler_bytes = 4 * self.max_num_seqs * self.hf_config.vocab_size * 4
-        return int(total * utilization - used_by_others - allocated - (peak - allocated) - sampler_bytes)
+        activations_per_token = (peak - allocated) / max(n, 1)
+        # Captured graphs own their decode scratch; eager decode needs it transiently.
+        decode_bytes = self._graph_bytes(activations_per_token) or self._decode_scratch_bytes()
+        return int(total * utilization - used_by_others - allocated - (peak - allocated) - sampler_bytes
+                   - decode_bytes)
+
+    def _decode_scratch_bytes(self) -> int:
+        """Split-KV decode attention's float32 partials for a full batch at max_model_len (one layer at a
+        time; the prefill profile never runs the decode kernels)."""
+        a = self.model.attention_layers[0]
+        parts = -(-self.max_model_len // 256)  # the narrowest decode partition (attention_cuda.py)
+        return self.max_num_seqs * a.num_heads * parts * (a.head_dim + 1) * 4
+
+    def _graph_bytes(self, activations_per_token: float) -> int:
+        """What captured decode graphs keep for the life of the engine: the static inputs, the shared
+        pool's activations and scratch of the largest batch, each graph's logits, and per-graph overhead."""
+        if self.enforce_eager or not self._graphs_supported():
+            return 0
+        sizes = graph_batch_sizes(self.max_num_seqs)
+        top, max_blocks = sizes[-1], -(-self.max_model_len // self.block_size)
+        static = top * (3 * 8 + 4) + top * max_blocks * 4 + (top + 1) * 4
+        logits = sum(sizes) * self.hf_config.vocab_size * max(4, torch.finfo(self.dtype).bits // 8)
+        return int(static + activations_per_token * top + self._decode_scratch_bytes() + logits
+                   + _GRAPH_OVERHEAD_BYTES * len(sizes))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        for layer in self.model.attention_layers:
-            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        try:
+            for layer in self.model.attention_layers:
+                shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+                layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError included
+            _raise_if_oom(e, f"allocating the KV cache ({num_blocks} blocks of {self.kv_block_bytes()} bytes)",
+                          "lower gpu_memory_utilization or set kv_cache_memory")
+            raise
         if self.device.type == "cuda" and not self.enforce_eager and self._graphs_supported():
-            self.capture_decode_graphs()
+            try:
+                self.capture_decode_graphs()
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError included
+                self.graphs.clear()
+                _raise_if_oom(e, f"capturing CUDA graphs for decode batches of up to {self.max_num_seqs}",
+                              "lower gpu_memory_utilization or max_num_seqs, set kv_cache_memory, or set "
+                              "enforce_eager=true (no graphs)")
+                raise
 
     def _graphs_supported(self) -> bool:
         from tprun.worker.layers.attention_cuda import unsupported_reason
 
         a = self.model.attention_layers[0]
-        return unsupported_reason(a.head_dim, self.dtype) is None
+        # Soft-capping and sinks (Gemma 2, gpt-oss) run in the torch reference, which cannot be captured.
+        reference = any(layer.needs_reference for layer in self.model.attention_layers)
+        return unsupported_reason(a.head_dim, self.dtype) is None and not reference
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> list[int]:
-        for seq_id in step.finished_seq_ids:
-            self.sampler.release(seq_id)
-        return self.sampler(self.compute_logits(step), step.seqs)
+    def execute(self, step: StepInput) -> SamplerOutput:
+        prompt_logits: list[torch.Tensor | None] = []
+        logits = self.compute_logits(step, prompt_logits)
+        return self.sampler(logits, step, prompt_logits)
 
     @torch.inference_mode()
-    def compute_logits(self, step: StepInput) -> torch.Tensor:
-        """[len(step.seqs), vocab]: each sequence's next-token logits after this step."""
+    def compute_logits(self, step: StepInput, prompt_logits: list | None = None) -> torch.Tensor:
+        """[len(step.seqs), vocab]: each sequence's next-token logits after this step. For sequences that
+        ask for prompt logprobs, `prompt_logits` receives the logits of every prompt position this step
+        computes that predicts another prompt token (None for the others)."""
         if not step.is_prefill and self.graphs and len(step.seqs) <= max(self.graphs):
             return self._replay_decode(step.seqs)
         ids, pos, slots = [], [], []
@@ -121,7 +166,21 @@ class ModelRunner:
                               [s.block_table for s in step.seqs], step.is_prefill, slots)
         hidden = self.model(self._upload(ids, torch.long), self._upload(pos, torch.long), meta)
         last = meta.cu_seqlens_q[1:].long() - 1
+        if prompt_logits is not None:
+            prompt_logits.extend(self._prompt_logits(step, hidden))
         return self.model.compute_logits(hidden[last])
+
+    def _prompt_logits(self, step: StepInput, hidden: torch.Tensor) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        offset = 0
+        for s in step.seqs:
+            n = len(s.new_token_ids)
+            # Position p predicts prompt token p + 1: the last prompt position predicts an output token.
+            count = min(s.seq_len, len(s.prompt_token_ids) - 1) - s.start_pos
+            out.append(self.model.compute_logits(hidden[offset: offset + count])
+                       if s.wants_prompt_logprobs and count > 0 else None)
+            offset += n
+        return out
 
     def _upload(self, values, dtype: torch.dtype) -> torch.Tensor:
         """Host data to the device; on CUDA through pinned memory, without waiting for the copy."""
@@ -196,6 +255,19 @@ class ModelRunner:
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
+
+
+# Driver-side memory of one instantiated graph, outside the caching allocator (a conservative few MiB).
+_GRAPH_OVERHEAD_BYTES = 4 << 20
+
+
+def _raise_if_oom(e: BaseException, during: str, fix: str) -> None:
+    """Running out of device memory `during` a start-up step becomes a clear error; the caller re-raises
+    any other error as it is. The job runner turns either into this rank's failure, which stops every rank."""
+    text = str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        raise RuntimeError(f"out of GPU memory while {during}: {text.splitlines()[0] if text else e!r}; "
+                           f"{fix}") from e
 
 
 def _padded_tables(tables: list[list[int]], rows: int) -> np.ndarray:

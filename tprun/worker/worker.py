@@ -16,7 +16,7 @@ from tprun.worker.divergence import DivergenceDetector
 from tprun.worker.model_runner import ModelRunner
 from tprun.worker.models import check_supported
 from tprun.worker.parallel import TPGroup
-from tprun.worker.step import StepInput
+from tprun.worker.step import SamplerOutput, StepInput
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,10 @@ class Worker:
             )
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute_model(self, step: StepInput) -> list[int]:
-        tokens = self.runner.execute(step)
-        return self.divergence.observe(tokens)
+    def execute_model(self, step: StepInput) -> SamplerOutput:
+        out = self.runner.execute(step)
+        out.token_ids = self.divergence.observe(out.token_ids)
+        return out
 
     def check_health(self) -> None:
         if self.runner is None or self.dist is None:

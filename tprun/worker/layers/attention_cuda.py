@@ -9,6 +9,10 @@ Decode is split-KV ("flash-decoding"): each (sequence, KV head, partition of PAR
 handles all query heads of its GQA group, so K/V are read once per group, and a second kernel merges the
 partitions by their log-sum-exp. The grid depends only on tensor shapes, never on values, so a decode step
 can be captured in a CUDA graph. Chosen over flex_attention by measurement: benchmarks/NOTES.md.
+
+Gemma 2's soft-capping (scores -> cap * tanh(scores / cap), before the mask) and gpt-oss's sinks (one
+logit per query head that joins every softmax's denominator and carries no value) are compile-time
+options of the same kernels: a sink is the online softmax's initial state (running max = sink, sum = 1).
 """
 
 from __future__ import annotations
@@ -38,6 +42,27 @@ def unsupported_reason(head_dim: int, dtype: torch.dtype) -> str | None:
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not float16, bfloat16 or float32"
     return None
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 (the interpreter has no libdevice): 1 - 2 / (e^2x + 1), and near 0, where that
+    cancels, its Taylor series (error below 1e-10 there)."""
+    series = x * (1.0 - x * x * (1.0 / 3.0 - x * x * (2.0 / 15.0)))
+    return tl.where(tl.abs(x) < 0.05, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+
+
+@triton.jit
+def _scores_log2(qk, qk_scale, softcap, SOFTCAP: tl.constexpr):
+    """Raw q.k -> scores in log2 units. qk_scale is scale * log2(e) without soft-capping, else scale."""
+    if SOFTCAP:
+        return softcap * _tanh(qk * qk_scale / softcap) * 1.4426950408889634
+    else:
+        return qk * qk_scale
+
+
+def _qk_scale(scale: float, softcap: float | None) -> float:
+    return scale if softcap else scale * LOG2E
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -76,9 +101,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 @triton.jit
 def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tables, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
-                    window, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    window, softcap, Sinks, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     m_block = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -97,8 +122,12 @@ def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tabl
     q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # the sink as the softmax's first term: exp2(sink - max) = 1 with max = sink
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Causal: no query of this tile sees past its last position.
     end = tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M)
@@ -111,7 +140,7 @@ def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tabl
         page = tl.load(Block_tables + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
         row = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_h * stride_ch
         k = tl.load(K_cache + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = _scores_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2, softcap, SOFTCAP)
         visible = (offs_n[None, :] <= pos_m[:, None]) & mask_n[None, :]
         if USE_WINDOW:
             visible = visible & (offs_n[None, :] > pos_m[:, None] - window)
@@ -134,8 +163,10 @@ def _prefill_kernel(Q, K_cache, V_cache, Out, Cu_seqlens_q, Seq_lens, Block_tabl
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float, out: torch.Tensor | None = None, sliding_window: int | None = None,
                       block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                      num_stages: int | None = None) -> torch.Tensor:
-    """q [T, num_heads, head_dim] (any query lengths) -> [T, num_heads, head_dim], causal over each context."""
+                      num_stages: int | None = None, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, num_heads, head_dim] (any query lengths) -> [T, num_heads, head_dim], causal over each context;
+    softcap: Gemma 2's attention soft-capping; sinks [num_heads]: gpt-oss's per-head sink logits."""
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     if num_tokens == 0:
@@ -147,11 +178,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_n = block_n or (32 if fp32 else 64)
     grid = (triton.cdiv(meta.max_seqlen_q, block_m), meta.num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale * LOG2E,
+        q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, _qk_scale(scale, softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), sliding_window or 0,
-        GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        softcap or 0.0, sinks if sinks is not None else q, GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32",
+        SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         num_warps=num_warps or 4, num_stages=num_stages or (1 if fp32 else 3),
     )
     return out
@@ -161,10 +193,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 @triton.jit
 def _decode_partition_kernel(Q, K_cache, V_cache, Seq_lens, Block_tables, Part_out, Part_lse, scale_log2,
                              stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                             stride_pb, stride_ph, stride_pp, window,
+                             stride_pb, stride_ph, stride_pp, window, softcap,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
-                             USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     b = tl.program_id(0)
     kv_h = tl.program_id(1)
     part = tl.program_id(2)
@@ -193,7 +225,7 @@ def _decode_partition_kernel(Q, K_cache, V_cache, Seq_lens, Block_tables, Part_o
         row = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_h * stride_ch
         k = tl.load(K_cache + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         v = tl.load(V_cache + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = _scores_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_log2, softcap, SOFTCAP)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -207,9 +239,9 @@ def _decode_partition_kernel(Q, K_cache, V_cache, Seq_lens, Block_tables, Part_o
 
 
 @triton.jit
-def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, stride_ot, stride_oh, stride_pb, stride_ph,
+def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, Sinks, stride_ot, stride_oh, stride_pb, stride_ph,
                          stride_pp, window, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr,
-                         USE_WINDOW: tl.constexpr):
+                         USE_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(Seq_lens + b)
@@ -218,8 +250,12 @@ def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, stride_ot, stride_oh
     if USE_WINDOW:
         first = tl.maximum(seq_len - window, 0) // PARTITION
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.full([1], float("-inf"), tl.float32)
-    total = tl.zeros([1], tl.float32)
+    if HAS_SINKS:  # the sink joins the partitions' merge once, as a partition with no value
+        m = tl.zeros([1], tl.float32) + tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        total = tl.full([1], 1.0, tl.float32)
+    else:
+        m = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for p in range(first, num_parts):
         base = b * stride_pb + h * stride_ph + p * stride_pp
@@ -238,7 +274,8 @@ def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, stride_ot, stride_oh
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      sliding_window: int | None = None, partition: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2) -> torch.Tensor:
+                     num_stages: int = 2, softcap: float | None = None, sinks: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """q [B, num_heads, head_dim], one new token per sequence -> [B, num_heads, head_dim]."""
     batch, num_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
@@ -254,17 +291,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_lse = torch.empty(batch, num_heads, max_parts, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
     _decode_partition_kernel[(batch, num_kv_heads, max_parts)](
-        q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, scale * LOG2E,
+        q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, _qk_scale(scale, softcap),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), sliding_window or 0,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        softcap or 0.0, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, PARTITION=partition, BLOCK_N=min(block_n, 32) if fp32 else block_n,
-        USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32", SOFTCAP=bool(softcap),
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(batch, num_heads)](
-        part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+        part_out, part_lse, seq_lens, out, sinks if sinks is not None else q, out.stride(0), out.stride(1),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), sliding_window or 0, HEAD_DIM=head_dim,
-        PARTITION=partition, USE_WINDOW=sliding_window is not None,
+        PARTITION=partition, USE_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
     )
     return out
 
@@ -272,22 +310,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # ------------------------------------------------------------------------------------------ the layer
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                     sliding_window: int | None) -> torch.Tensor:
+                     sliding_window: int | None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The AttentionBackend of tprun/worker/layers/attention.py."""
-    return paged_attention(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+    return paged_attention(q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap, sinks)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention.forward's contract: store k/v [T, nkv, hd] at meta.slot_mapping, attend, -> [T, nh * hd]."""
     store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     out3 = out.view(num_tokens, num_heads, head_dim)
     if meta.is_prefill:
-        prefill_attention(q, k_cache, v_cache, meta, scale, out=out3, sliding_window=sliding_window)
+        prefill_attention(q, k_cache, v_cache, meta, scale, out=out3, sliding_window=sliding_window,
+                          softcap=softcap, sinks=sinks)
     else:
         decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, out=out3,
-                         sliding_window=sliding_window)
+                         sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tprun.worker.layers.sharding import CheckpointTensor, load_shard, new_param
+from tprun.worker.layers.sharding import CheckpointTensor, NarrowedTensor, load_replicated, load_shard, new_param
 from tprun.worker.parallel import TPGroup, divide
 
 
@@ -49,7 +49,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_ids = tuple(range(len(output_sizes)))  # the parts the loader must fill
         super().__init__(input_size, sum(output_sizes), bias, tp, what)
 
-    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: int | str) -> None:
+        if shard_id == "fused":  # the checkpoint stores the parts fused too (Phi-3's gate_up_proj)
+            for part, start in enumerate(_offsets(self.output_sizes)):
+                self.weight_loader(param, NarrowedTensor(loaded, 0, start, self.output_sizes[part]), part)
+            return
         n = self.output_sizes_per_rank[shard_id]
         dst = param.data.narrow(0, sum(self.output_sizes_per_rank[:shard_id]), n)
         load_shard(dst, loaded, dim=0, start=self.tp.rank * n, full_len=self.output_sizes[shard_id])
@@ -90,6 +94,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: str) -> None:
         hd = self.head_dim
+        if shard_id == "qkv":  # the checkpoint stores q, k and v fused too (Phi-3's qkv_proj)
+            sizes = [self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd]
+            for part, start, size in zip("qkv", _offsets(sizes), sizes, strict=True):
+                self.weight_loader(param, NarrowedTensor(loaded, 0, start, size), part)
+            return
         # shard -> (offset in this rank's fused rows, rows, first checkpoint row, checkpoint rows)
         placement = {
             "q": (0, self.q_size, self.tp.rank * self.q_size, self.num_heads * hd),
@@ -103,9 +112,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's columns (input features) split across ranks; x arrives split, y is summed."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPGroup, what: str = "input size"):
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp: TPGroup, what: str = "input size",
+        reduce_results: bool = True,
+    ):
         super().__init__()
         self.tp = tp
+        self.reduce_results = reduce_results  # False: the caller sums partial results first (MoE shared expert)
         self.input_size = input_size
         self.output_size = output_size
         self.input_size_per_rank = divide(input_size, tp.size, what)
@@ -115,7 +128,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias, so the all_reduce adds it exactly once.
         y = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
-        return self.tp.all_reduce(y)
+        return self.tp.all_reduce(y) if self.reduce_results else y
 
     def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: None = None) -> None:
         if param.dim() == 1:  # the bias is not split
@@ -123,3 +136,23 @@ class RowParallelLinear(nn.Module):
         else:
             n = self.input_size_per_rank
             load_shard(param.data, loaded, dim=1, start=self.tp.rank * n, full_len=self.input_size)
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T + b with the whole W on every rank (MoE routers, the shared-expert gate): tiny, and every
+    rank must route identically."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool):
+        super().__init__()
+        self.weight = new_param(output_size, input_size)
+        self.bias = new_param(output_size) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: None = None) -> None:
+        load_replicated(param, loaded)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]

@@ -40,3 +40,21 @@ class RMSNorm(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: None = None) -> None:
         load_replicated(param, loaded)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: weight stored as an offset from 1, and the whole norm (scale included) computed in
+    float32 before rounding to the input dtype, exactly as transformers' Gemma2/Gemma3RMSNorm."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)

@@ -40,6 +40,25 @@ def load_replicated(param: torch.Tensor, loaded: CheckpointTensor) -> None:
     load_shard(param.data, loaded, dim=0, start=0, full_len=param.shape[0])
 
 
+class NarrowedTensor:
+    """Part of a checkpoint tensor (a fused tensor's q, k or v rows), still read only where indexed."""
+
+    def __init__(self, loaded: CheckpointTensor, dim: int, start: int, length: int):
+        self._loaded, self._dim, self._start = loaded, dim, start
+        shape = list(loaded.shape)
+        if start + length > shape[dim]:
+            raise ValueError(f"shape {tuple(shape)} is too small for rows [{start}, {start + length}) along dim {dim}")
+        shape[dim] = length
+        self.shape = tuple(shape)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor:
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        inner = index[self._dim]
+        lo, hi, _ = inner.indices(self.shape[self._dim])
+        moved = slice(self._start + lo, self._start + hi)
+        return self._loaded[index[: self._dim] + (moved,) + index[self._dim + 1 :]]
+
+
 def new_param(*shape: int) -> torch.nn.Parameter:
     """An uninitialised inference parameter; dtype and device come from the caller's defaults (build_model)."""
     return torch.nn.Parameter(torch.empty(*shape), requires_grad=False)

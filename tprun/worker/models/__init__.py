@@ -10,11 +10,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from tprun.worker.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tprun.worker.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
+)
+from tprun.worker.models.moe import (
+    GptOssForCausalLM,
+    MixtralForCausalLM,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeForCausalLM,
 )
 from tprun.worker.parallel import TPGroup
 
@@ -23,6 +31,13 @@ SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 
@@ -66,5 +81,33 @@ def check_supported(hf_config: Any, tp_size: int) -> None:
     """The errors a rank can raise from config.json alone, before any rendezvous could hang."""
     from tprun.worker.parallel import divide
 
-    model_class(hf_config)
-    divide(hf_config.num_attention_heads, tp_size, "the model's num_attention_heads")
+    cls = model_class(hf_config)
+    _check_quantization(hf_config, cls)
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention=True (an embedding model) is not supported; tprun generates")
+    for what, size in cls.tp_divisible(hf_config).items():
+        divide(size, tp_size, f"the model's {what}")
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if kv_heads >= tp_size:
+        divide(kv_heads, tp_size, "the model's num_key_value_heads")
+    elif tp_size % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({kv_heads}) is smaller than the tensor-parallel size ({tp_size}) and does "
+            f"not divide it, so KV heads cannot be replicated evenly; choose a tensor-parallel size that "
+            f"divides {kv_heads} or is a multiple of it"
+        )
+
+
+def _check_quantization(hf_config: Any, cls: type[nn.Module]) -> None:
+    quant = getattr(hf_config, "quantization_config", None)
+    if not quant:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)  # an enum in transformers' config classes
+    if method == "mxfp4" and cls is GptOssForCausalLM:
+        return  # its experts are dequantised at load (tprun/worker/layers/moe.py)
+    raise ValueError(
+        f"{method!s} quantized checkpoints are not supported for {cls.__name__}; tprun loads bf16/fp16/fp32 "
+        f"checkpoints (and gpt-oss's MXFP4 experts, which it dequantises)"
+    )

@@ -1,4 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3) on tensor-parallel layers.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3) on tensor-parallel layers; the MoE families
+(moe.py) reuse it with another MLP.
 
 Module names follow transformers', so checkpoint names map one to one apart from the fusions listed in
 tp_plan.py (q/k/v -> qkv_proj, gate/up -> gate_up_proj). The numerics follow transformers' too: the
@@ -44,7 +45,14 @@ def sliding_window(cfg: Any, layer_idx: int) -> int | None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+    """Also the attention of the other families: Gemma's scale (query_pre_attn_scalar), soft-capping and
+    +1 QK-norm, and gpt-oss's sinks come in as keyword arguments."""
+
+    def __init__(
+        self, cfg: Any, layer_idx: int, tp: TPGroup, qkv_bias: bool, qk_norm: bool, *,
+        norm_cls: type[RMSNorm] = RMSNorm, scale: float | None = None, softcap: float | None = None,
+        sinks: bool = False,
+    ):
         super().__init__()
         self.head_dim = head_dim(cfg)
         num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -59,15 +67,19 @@ class LlamaAttention(nn.Module):
             what="num_attention_heads * head_dim",
         )
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = norm_cls(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = norm_cls(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = qk_norm
+        heads = self.qkv_proj.num_heads_per_rank
         self.attn = Attention(
-            self.qkv_proj.num_heads_per_rank,
+            heads,
             self.qkv_proj.num_kv_heads_per_rank,
             self.head_dim,
-            scale=self.head_dim**-0.5,
+            scale=self.head_dim**-0.5 if scale is None else scale,
             sliding_window=sliding_window(cfg, layer_idx),
+            softcap=softcap,
+            sinks_total_heads=cfg.num_attention_heads if sinks else None,
+            first_head=tp.rank * heads,
         )
 
     def forward(
@@ -85,14 +97,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup):
+    def __init__(
+        self, cfg: Any, tp: TPGroup, intermediate_size: int | None = None, what: str = "intermediate_size",
+        reduce_results: bool = True,
+    ):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; the Llama family uses 'silu'")
         bias = getattr(cfg, "mlp_bias", False)
-        size = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias, tp, "intermediate_size")
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias, tp, "intermediate_size")
+        size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias, tp, what)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias, tp, what, reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -106,12 +121,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg: Any, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_idx, tp, qkv_bias, qk_norm)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg, tp)
+        self.mlp = mlp  # a dense MLP, or an MoE block (moe.py): either returns the all_reduced output
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -130,18 +145,19 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg: Any, tp: TPGroup, family: LlamaForCausalLM):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, tp, qkv_bias, qk_norm) for i in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, family.make_attention(cfg, i, tp), family.make_mlp(cfg, i, tp))
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(head_dim(cfg), rope_parameters(cfg))
+        self.rotary_emb = RotaryEmbedding(head_dim(cfg), rope_parameters(cfg), cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        cos, sin = self.rotary_emb(positions, h.dtype)
+        cos, sin = self.rotary_emb(positions, h.dtype, meta)
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin, meta)
         return self.norm(h, residual)[0]
@@ -154,11 +170,25 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: Any, tp: TPGroup):
         super().__init__()
         self.config = cfg
-        qkv_bias = self.always_qkv_bias or getattr(cfg, "attention_bias", False)
-        self.model = LlamaModel(cfg, tp, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(cfg, tp, self)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if getattr(cfg, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    # What a family changes: its attention and its MLP (dense, or MoE in moe.py).
+    def qkv_bias(self, cfg: Any) -> bool:
+        return self.always_qkv_bias or getattr(cfg, "attention_bias", False)
+
+    def make_attention(self, cfg: Any, layer_idx: int, tp: TPGroup) -> nn.Module:
+        return LlamaAttention(cfg, layer_idx, tp, self.qkv_bias(cfg), self.qk_norm)
+
+    def make_mlp(self, cfg: Any, layer_idx: int, tp: TPGroup) -> nn.Module:
+        return LlamaMLP(cfg, tp)
+
+    @classmethod
+    def tp_divisible(cls, cfg: Any) -> dict[str, int]:
+        """What the tensor-parallel size must divide (checked before any rendezvous)."""
+        return {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size}
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -186,3 +216,8 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Llama with q/k/v and gate/up fused in the checkpoint (tp_plan.py splits them per rank), a partial
+    rotary factor and LongRoPE (rotary.py)."""

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+from tprun.cluster.k8s_network import check_network_policy
+from tprun.cluster.spec_rules import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_VALUE
+
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # k8s.io/apimachinery resource.Quantity: signed decimal, then a binary SI, decimal SI or exponent suffix.
@@ -75,7 +74,7 @@ def check_manifests(docs: list[dict]) -> list[str]:
 
 def parse_quantity(text: Any) -> Decimal:
     """A Kubernetes quantity ('500m', '64Gi', '1e3', 2) as a number; ValueError if malformed."""
-    m = QUANTITY.match(str(text))
+    m = QUANTITY.fullmatch(str(text))
     if isinstance(text, bool) or not m:
         raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 64Gi, 1G)")
     sign, number, suffix = m.group(1), m.group(2), m.group(3) or ""
@@ -92,20 +91,43 @@ def _check_doc(doc: dict, by_kind: dict[str, list[dict]]) -> Iterator[str]:
     name, kind = meta.get("name", ""), doc.get("kind")
     pattern, rule = (DNS1035_LABEL, "a DNS-1035 label: lower-case letter first") if kind == "Service" else (
         DNS1123_SUBDOMAIN, "a DNS-1123 subdomain")
-    if not pattern.match(name) or len(name) > (63 if kind == "Service" else 253):
+    if not pattern.fullmatch(name) or len(name) > (63 if kind == "Service" else 253):
         yield f"metadata.name {name!r} must be {rule}, at most {63 if kind == 'Service' else 253} characters"
-    if "namespace" in meta and not DNS1123_LABEL.match(meta["namespace"]):
+    if "namespace" in meta and not DNS1123_LABEL.fullmatch(meta["namespace"]):
         yield f"metadata.namespace {meta['namespace']!r} must be a DNS-1123 label"
     yield from _labels("metadata.labels", meta.get("labels", {}))
     if kind == "Job":
         yield from _check_job(doc, by_kind)
     elif kind == "Service":
         yield from _check_service(doc.get("spec", {}))
+    elif kind == "NetworkPolicy":
+        yield from check_network_policy(doc.get("spec", {}),
+                                        by_kind.get("Job", []) + by_kind.get("LeaderWorkerSet", []))
+    elif kind == "LeaderWorkerSet":
+        yield from _check_lws(doc)
+
+
+def _check_lws(lws: dict) -> Iterator[str]:
+    """The LWS schema itself is pinned in tests (tests/schemas); here the pods and tprun's rules."""
+    spec = lws.get("spec", {})
+    yield from _at_least("spec.replicas", spec.get("replicas"), 1)
+    template = spec.get("leaderWorkerTemplate", {})
+    yield from _at_least("spec.leaderWorkerTemplate.size", template.get("size"), 1)
+    if template.get("restartPolicy") != "RecreateGroupOnPodRestart":
+        yield ("spec.leaderWorkerTemplate.restartPolicy must be RecreateGroupOnPodRestart: a TP group whose "
+               "pod restarted alone could never form again")
+    worker = template.get("workerTemplate", {})
+    yield from _labels("spec.leaderWorkerTemplate.workerTemplate.metadata.labels",
+                       worker.get("metadata", {}).get("labels", {}))
+    pod = worker.get("spec", {})
+    if pod.get("restartPolicy", "Always") != "Always":
+        yield "spec.leaderWorkerTemplate.workerTemplate.spec.restartPolicy: StatefulSet pods need Always"
+    yield from (f"spec.leaderWorkerTemplate.workerTemplate.spec.{p}" for p in _check_pod(pod))
 
 
 def _labels(path: str, labels: dict) -> Iterator[str]:
     for key, value in labels.items():
-        if not isinstance(value, str) or not LABEL_VALUE.match(value) or len(value) > 63:
+        if not isinstance(value, str) or not LABEL_VALUE.fullmatch(value) or len(value) > 63:
             yield f"{path}[{key!r}]: {value!r} is not a label value (<= 63 alphanumerics, '-', '_', '.')"
 
 
@@ -132,7 +154,7 @@ def _check_service(spec: dict) -> Iterator[str]:
 def _port(path: str, number: Any, name: Any, protocol: Any) -> Iterator[str]:
     if not isinstance(number, int) or not 0 < number < 65536:
         yield f"{path}: port {number!r} must be in 1..65535"
-    if name is not None and (not PORT_NAME.match(name) or len(name) > 15):
+    if name is not None and (not PORT_NAME.fullmatch(name) or len(name) > 15):
         yield f"{path}.name: {name!r} must be an IANA service name (<= 15 lower-case alphanumerics and '-')"
     yield from _enum(f"{path}.protocol", protocol, "protocol")
 
@@ -194,7 +216,7 @@ def _check_failure_policy(spec: dict, pod: dict) -> Iterator[str]:
 def _check_pod(pod: dict) -> Iterator[str]:
     yield from _enum("dnsPolicy", pod.get("dnsPolicy"), "dnsPolicy")
     yield from _at_least("terminationGracePeriodSeconds", pod.get("terminationGracePeriodSeconds"), 0)
-    if "subdomain" in pod and not DNS1123_LABEL.match(pod["subdomain"]):
+    if "subdomain" in pod and not DNS1123_LABEL.fullmatch(pod["subdomain"]):
         yield f"subdomain: {pod['subdomain']!r} must be a DNS-1123 label"
     yield from _labels("nodeSelector", pod.get("nodeSelector", {}))
     yield from _security_context("securityContext", pod.get("securityContext", {}))
@@ -218,7 +240,7 @@ def _check_pod(pod: dict) -> Iterator[str]:
 
 def _check_volume(path: str, vol: dict, names: list) -> Iterator[str]:
     name = vol.get("name", "")
-    if not DNS1123_LABEL.match(name) or len(name) > 63:
+    if not DNS1123_LABEL.fullmatch(name) or len(name) > 63:
         yield f"{path}.name: {name!r} must be a DNS-1123 label"
     if names.count(name) > 1:
         yield f"{path}.name: {name!r} is used by more than one volume"
@@ -234,17 +256,17 @@ def _check_volume(path: str, vol: dict, names: list) -> Iterator[str]:
         if not str(vol["hostPath"].get("path", "")).startswith("/"):
             yield f"{path}.hostPath.path must be absolute"
     claim = vol.get("persistentVolumeClaim", {}).get("claimName")
-    if claim is not None and not DNS1123_SUBDOMAIN.match(claim):
+    if claim is not None and not DNS1123_SUBDOMAIN.fullmatch(claim):
         yield f"{path}.persistentVolumeClaim.claimName: {claim!r} must be a DNS-1123 subdomain"
 
 
 def _check_container(path: str, c: dict, volumes: set) -> Iterator[str]:
-    if not DNS1123_LABEL.match(c.get("name", "")):
+    if not DNS1123_LABEL.fullmatch(c.get("name", "")):
         yield f"{path}.name: {c.get('name')!r} must be a DNS-1123 label"
     yield from _enum(f"{path}.imagePullPolicy", c.get("imagePullPolicy"), "imagePullPolicy")
     env_names = [e.get("name", "") for e in c.get("env", [])]
     for i, e in enumerate(c.get("env", [])):
-        if not ENV_NAME.match(e.get("name", "")):
+        if not ENV_NAME.fullmatch(e.get("name", "")):
             yield f"{path}.env[{i}].name: {e.get('name')!r} is not a valid variable name"
         if env_names.count(e.get("name")) > 1:
             yield f"{path}.env[{i}].name: {e.get('name')!r} is set more than once"

@@ -1,4 +1,5 @@
-"""A JobSpec as Kubernetes manifests: a ConfigMap with the spec, a headless Service, an Indexed Job.
+"""A JobSpec as Kubernetes manifests: a ConfigMap with the spec, a headless Service, a NetworkPolicy and
+an Indexed Job.
 
 Pod i of Job J gets hostname J-i; `subdomain: J` plus the headless Service J (publishing pods before
 they are Ready) makes J-0.J.<ns>.svc resolve to pod 0, where rank 0 listens. Each pod runs
@@ -18,6 +19,8 @@ longer exists. So:
   ends the Job;
 - `podReplacementPolicy: Failed` keeps a replacement from starting while the old pod with the same
   index (and hostname) is still terminating.
+
+Network: a NetworkPolicy admits only the job's own pods to each other (k8s_network.py).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from typing import Any
 
 import yaml
 
-from tprun.config import JobSpec, Volume
-from tprun.launchers.k8s_checks import validate_manifests
+from tprun.cluster.k8s_checks import validate_manifests
+from tprun.cluster.k8s_lws import leader_worker_set, lws_pods
+from tprun.cluster.k8s_network import JOB_NAME_LABEL, network_policy
+from tprun.cluster.options import EPHEMERAL_PORTS, Volume
+from tprun.config import JobSpec
 
 CONTAINER = "tprun"
 SPEC_DIR = "/etc/tprun"
@@ -40,30 +46,49 @@ TMP_DIR = "/tmp"
 MEMORY = re.compile(r"^(\d+)(K|M|G|T|Ki|Mi|Gi|Ti)$")
 
 HEADER = """\
-# tprun on Kubernetes: a ConfigMap with the job spec, a headless Service, an Indexed Job.
+# tprun on Kubernetes: a ConfigMap with the job spec, a headless Service, a NetworkPolicy, an Indexed Job.
 # Rendered by `tprun render k8s SPEC`; edit the spec and re-render rather than this file.
 #   kubectl apply -f FILE; kubectl logs -f job/NAME; kubectl delete -f FILE
-# Failure model (see tprun/launchers/k8s_render.py): a TP group is all-or-nothing, so any failed
+# Failure model (see tprun/cluster/k8s_render.py): a TP group is all-or-nothing, so any failed
 # container fails the whole Job (podFailurePolicy FailJob, backoffLimit 0) and retrying means
 # resubmitting; a disrupted (preempted, evicted) pod is replaced without counting (Ignore).
+# Network: the job's pods accept TCP only from each other, on the master port and the ephemeral range
+# (gloo/NCCL listeners); they may connect only to each other (same ports) and to DNS (port 53).
 """
 
 
 def names(spec: JobSpec) -> dict[str, str]:
-    return {"job": spec.name, "service": spec.name, "configmap": f"{spec.name}-spec"}
+    return {"job": spec.name, "service": spec.name, "networkpolicy": spec.name, "configmap": f"{spec.name}-spec"}
 
 
 def render_manifests(spec: JobSpec) -> list[dict[str, Any]]:
-    """The ConfigMap, Service and Job for `spec`; ValueError naming the field if it cannot run."""
-    spec.check_resources()
+    """The ConfigMap, Service, NetworkPolicy (unless turned off) and Job for `spec`, in the order they are
+    created; ValueError naming the field if it cannot run."""
+    spec.check()
     _check_paths(spec)
-    docs = [_configmap(spec), _service(spec), _job(spec)]
+    policy = [_network_policy(spec)] if spec.kubernetes.network_policy else []
+    if spec.parallel.groups == "independent":  # LWS makes its own headless Service
+        docs = [_configmap(spec), *policy, leader_worker_set(spec, _metadata(spec, spec.name), labels(spec), _pod(spec))]
+    else:
+        docs = [_configmap(spec), _service(spec), *policy, _job(spec)]
     validate_manifests(docs)
     return docs
 
 
+LWS_HEADER = """\
+# tprun on Kubernetes, independent groups: a ConfigMap with the job spec, a NetworkPolicy, a LeaderWorkerSet.
+# Rendered by `tprun render k8s SPEC`; edit the spec and re-render rather than this file.
+#   kubectl apply -f FILE; kubectl logs -f NAME-0 (group 0's leader); kubectl delete -f FILE once OUT/_SUCCESS exists
+# Each group is one TP group, recreated alone when one of its pods restarts (RecreateGroupOnPodRestart);
+# the groups share only the output directory (a ReadWriteMany volume), where they claim chunks by lease.
+# Network: the set's pods accept TCP only from each other, on the master port and the ephemeral range
+# (gloo/NCCL listeners); they may connect only to each other (same ports) and to DNS (port 53).
+"""
+
+
 def manifests_yaml(spec: JobSpec) -> str:
-    return HEADER + yaml.dump_all(render_manifests(spec), Dumper=_Dumper, sort_keys=False)
+    header = LWS_HEADER if spec.parallel.groups == "independent" else HEADER
+    return header + yaml.dump_all(render_manifests(spec), Dumper=_Dumper, sort_keys=False)
 
 
 def spec_yaml(spec: JobSpec) -> str:
@@ -73,6 +98,17 @@ def spec_yaml(spec: JobSpec) -> str:
 
 def labels(spec: JobSpec) -> dict[str, str]:
     return {"app.kubernetes.io/name": "tprun", "app.kubernetes.io/instance": spec.name}
+
+
+def job_pods(spec: JobSpec) -> dict[str, str]:
+    """Labels that only this job's pods carry: the template's, and the one the Job (or LWS) controller adds."""
+    if spec.parallel.groups == "independent":
+        return lws_pods(spec, labels(spec))
+    return {**labels(spec), JOB_NAME_LABEL: names(spec)["job"]}
+
+
+def _network_policy(spec: JobSpec) -> dict[str, Any]:
+    return network_policy(_metadata(spec, names(spec)["networkpolicy"]), job_pods(spec), spec.kubernetes.master_port)
 
 
 def _metadata(spec: JobSpec, name: str) -> dict[str, Any]:
@@ -133,7 +169,10 @@ def _pod(spec: JobSpec) -> dict[str, Any]:
     if k8s.service_account:
         pod["serviceAccountName"] = k8s.service_account
     pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
-                              "seccompProfile": {"type": "RuntimeDefault"}}
+                              "seccompProfile": {"type": "RuntimeDefault"},
+                              # Where gloo's and NCCL's listeners land: the range the NetworkPolicy admits.
+                              "sysctls": [{"name": "net.ipv4.ip_local_port_range",
+                                           "value": f"{EPHEMERAL_PORTS[0]} {EPHEMERAL_PORTS[1]}"}]}
     if k8s.node_selector:
         pod["nodeSelector"] = dict(k8s.node_selector)
     if k8s.tolerations:
@@ -277,7 +316,11 @@ def _under(path: str, root: str) -> bool:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style for multi-line strings, so the ConfigMap's spec reads as YAML, not one escaped line."""
+    """Block style for multi-line strings, so the ConfigMap's spec reads as YAML, not one escaped line;
+    never anchors and aliases (&id001 / *id001), which a reader of a manifest does not expect."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:

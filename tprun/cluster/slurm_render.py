@@ -5,6 +5,12 @@ and reads its rank from Slurm (launchers/slurm.py). Preemption: `--signal` reach
 time limit, tprun finishes the chunk in flight and exits 75, and the script requeues the job, which
 resumes where it stopped; `--requeue` also lets Slurm requeue it on preemption or node failure.
 
+Independent groups (`parallel.groups: independent`): an array job, `--array=0-(dp-1)`, one array task per
+TP group on nodes/dp nodes, each its own srun of tp tasks and its own world. Slurm starts each task when
+its nodes are free and requeues or fails it alone; the tasks share only the output directory, where they
+claim chunks by lease (runner/leases.py), so a task that is cancelled or lost leaves its chunk to the
+others once its lease expires.
+
 No `--kill-on-bad-exit`: on a preemption signal every rank exits 75 on its own schedule (after its TP
 group's chunk), and killing the others at the first exit would throw their chunks away. A rank that
 fails is covered by tprun's watchdog, which stops the others within a minute.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from tprun.cluster.spec_rules import no_control, split_option
 from tprun.config import JobSpec
 from tprun.runner.exit_codes import EXIT_REQUEUE
 
@@ -40,9 +47,11 @@ def slurm_memory(memory: str) -> str:
 def sbatch_options(spec: JobSpec) -> list[tuple[str, str | None]]:
     """(option, value) pairs in the order the script lists them; value None is a bare flag."""
     res, slurm = spec.resources, spec.slurm
-    opts: list[tuple[str, str | None]] = [
-        ("job-name", spec.name),
-        ("nodes", str(res.nodes)),
+    opts: list[tuple[str, str | None]] = [("job-name", spec.name)]
+    if spec.parallel.groups == "independent":
+        opts.append(("array", f"0-{spec.parallel.data_parallel_size - 1}"))
+    opts += [
+        ("nodes", str(nodes_per_task(spec))),
         ("ntasks-per-node", str(res.processes_per_node)),
         ("cpus-per-task", str(res.cpus_per_proc)),
     ]
@@ -61,26 +70,58 @@ def sbatch_options(spec: JobSpec) -> list[tuple[str, str | None]]:
     return opts
 
 
+def nodes_per_task(spec: JobSpec) -> int:
+    """Nodes of one allocation: all of them, or with independent groups one TP group's share."""
+    nodes, dp = spec.resources.nodes, spec.parallel.data_parallel_size
+    if spec.parallel.groups == "one-world":
+        return nodes
+    if nodes % dp:
+        raise ValueError(
+            f"independent groups run one array task per TP group on resources.nodes / dp nodes, but "
+            f"nodes({nodes}) is not a multiple of dp({dp}); set resources.nodes to a multiple of dp and "
+            "resources.procs_per_node so that each group's nodes hold its tp processes")
+    return nodes // dp
+
+
+def extra_sbatch_options(spec: JobSpec) -> list[tuple[str, str | None]]:
+    """spec.slurm.extra_sbatch as (option, value) pairs; each item is one option (config.py refuses others)."""
+    return [split_option(opt) for opt in spec.slurm.extra_sbatch]
+
+
+def sbatch_line(key: str, value: str | None) -> str:
+    return f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={shlex.quote(value)}"
+
+
 def render_sbatch(spec: JobSpec, spec_path: str) -> str:
-    spec.check_resources()
+    # The spec is text from a file: validated again here, whoever built it, before any of it is written.
+    spec.check()
+    try:
+        no_control(spec_path)
+    except ValueError as e:
+        raise ValueError(f"the job spec's path: {e}") from None
     res, slurm, par = spec.resources, spec.slurm, spec.parallel
+    independent = par.groups == "independent"
+    shape = (f"{par.data_parallel_size} array task(s), one per TP group, each {nodes_per_task(spec)} node(s) x "
+             f"{res.processes_per_node} task(s), TP={par.tensor_parallel_size}; the groups share only the output."
+             if independent else f"{res.nodes} node(s) x {res.processes_per_node} task(s), "
+             f"TP={par.tensor_parallel_size} x DP={par.data_parallel_size}.")
     lines = [
         "#!/bin/bash",
-        (f"# tprun job {spec.name}: {res.nodes} node(s) x {res.processes_per_node} task(s), "
-         f"TP={par.tensor_parallel_size} x DP={par.data_parallel_size}."),
+        f"# tprun job {spec.name}: {shape}",
         f"# Rendered by `tprun render slurm {spec_path}`; change the spec and render again rather than",
         "# editing this file. Submit from the directory the spec's relative paths start in, with tprun's",
         "# Python environment active (sbatch hands the environment on to the tasks):",
         "#   sbatch THIS_FILE [tprun run flags, e.g. --output out/other]",
     ]
-    for key, value in sbatch_options(spec):
-        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={shlex.quote(value)}")
-    lines += [f"#SBATCH {opt.strip()}" for opt in slurm.extra_sbatch]
+    lines += [sbatch_line(key, value) for key, value in sbatch_options(spec) + extra_sbatch_options(spec)]
     lines += ["", "set -u", *THREADS]
     if slurm.setup:
         lines += ["", *slurm.setup]
     srun = ["srun", f"--cpus-per-task={res.cpus_per_proc}", *slurm.srun_args]
-    run = [*shlex.split(slurm.python), "-m", "tprun", "run", spec_path]
+    # Said again on the command line: the spec file may not say it (`tprun render --groups independent`).
+    run = [*shlex.split(slurm.python), "-m", "tprun", "run", spec_path, *(["--groups", "independent"] if independent else [])]
+    if independent:
+        lines += ["", "# This array task is TP group SLURM_ARRAY_TASK_ID: a world of its own tp tasks."]
     lines += [
         "",
         "# One task per process; each reads its rank from SLURM_PROCID. srun of Slurm 22.05-23.02 does not",

@@ -1,8 +1,9 @@
-"""Submit a JobSpec to Kubernetes with the official client: ConfigMap, Service, then the Job.
+"""Submit a JobSpec to Kubernetes with the official client: ConfigMap, Service, NetworkPolicy, then the Job.
 
-The three objects are the ones `tprun render k8s` prints. Once the Job exists, the ConfigMap and
-Service get it as their owner, so `kubectl delete job NAME` also removes them; `cancel()` deletes all
-three anyway (the Job in the foreground, so its pods go first).
+The objects are the ones `tprun render k8s` prints, created in that order, so no pod starts before
+the policy that guards its rendezvous port. Once the Job exists, the others get it as their owner,
+so `kubectl delete job NAME` also removes them; `cancel()` deletes them all anyway (the Job in the
+foreground, so its pods go first).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tprun.cluster.handle import JobHandle, JobState
+from tprun.cluster.k8s_render import CONTAINER, labels, names, render_manifests
 from tprun.config import JobSpec
-from tprun.launchers.handle import JobHandle, JobState
-from tprun.launchers.k8s_render import CONTAINER, labels, names, render_manifests
 
 log = logging.getLogger(__name__)
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -47,6 +48,7 @@ class KubernetesJob(JobHandle):
 
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self.namespace = spec.kubernetes.namespace
         self.names = names(spec)
         self.selector = ",".join(f"{k}={v}" for k, v in labels(spec).items())
@@ -54,34 +56,36 @@ class KubernetesJob(JobHandle):
         self.timeout = request_timeout_s
 
     def _create(self, docs: list[dict]) -> None:
-        configmap, service, job = docs
+        create = {"ConfigMap": self.core.create_namespaced_config_map,
+                  "Service": self.core.create_namespaced_service,
+                  "NetworkPolicy": self.networking.create_namespaced_network_policy,
+                  "Job": self.batch.create_namespaced_job}
         created: list[str] = []
-        try:
-            self.core.create_namespaced_config_map(self.namespace, configmap, _request_timeout=self.timeout)
-            created.append("configmap")
-            self.core.create_namespaced_service(self.namespace, service, _request_timeout=self.timeout)
-            created.append("service")
-            made = self.batch.create_namespaced_job(self.namespace, job, _request_timeout=self.timeout)
-        except Exception as e:
-            kind = ["ConfigMap", "Service", "Job"][len(created)]
-            self._delete(created)  # leave nothing half-made behind
-            raise SubmitError(self._explain(kind, e)) from e
-        self._adopt(made.metadata.uid)
+        for doc in docs:  # render order: the Job last
+            try:
+                made = create[doc["kind"]](self.namespace, doc, _request_timeout=self.timeout)
+            except Exception as e:
+                self._delete(created)  # leave nothing half-made behind
+                raise SubmitError(self._explain(doc["kind"], e)) from e
+            created.append(doc["kind"].lower())
+        self._adopt(made.metadata.uid, [kind for kind in created if kind != "job"])
 
-    def _adopt(self, job_uid: str) -> None:
+    def _adopt(self, job_uid: str, kinds: list[str]) -> None:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         owner = {"metadata": {"ownerReferences": [{
             "apiVersion": "batch/v1", "kind": "Job", "name": self.names["job"], "uid": job_uid,
             "blockOwnerDeletion": False}]}}
+        patches = {"configmap": self.core.patch_namespaced_config_map,
+                   "service": self.core.patch_namespaced_service,
+                   "networkpolicy": self.networking.patch_namespaced_network_policy}
         try:
-            for kind, patch in (("configmap", self.core.patch_namespaced_config_map),
-                                ("service", self.core.patch_namespaced_service)):
-                patch(self.names[kind], self.namespace, owner, _content_type="application/merge-patch+json",
-                      _request_timeout=self.timeout)
+            for kind in kinds:
+                patches[kind](self.names[kind], self.namespace, owner,
+                              _content_type="application/merge-patch+json", _request_timeout=self.timeout)
         except (ApiException, HTTPError, OSError) as e:  # the job runs fine without it; only `kubectl delete job` cleans up less
-            log.warning("could not make Job %s the owner of its ConfigMap/Service: %s", self.job_id, e)
+            log.warning("could not make Job %s the owner of its ConfigMap/Service/NetworkPolicy: %s", self.job_id, e)
 
     def _explain(self, kind: str, e: Exception) -> str:
         status, message = getattr(e, "status", None), _api_message(e)
@@ -89,7 +93,8 @@ class KubernetesJob(JobHandle):
         where = f"{kind} {self.namespace}/{name}"
         if status == 409:
             return (f"{where} already exists: delete the old job (kubectl delete -n {self.namespace} "
-                    f"job/{self.names['job']} service/{self.names['service']} configmap/{self.names['configmap']}) "
+                    f"job/{self.names['job']} service/{self.names['service']} "
+                    f"networkpolicy/{self.names['networkpolicy']} configmap/{self.names['configmap']}) "
                     "or change the spec's name")
         if status in (401, 403):
             return f"not allowed to create {where} ({message}): check your kubeconfig user's RBAC in {self.namespace}"
@@ -119,12 +124,13 @@ class KubernetesJob(JobHandle):
         return "RUNNING" if st and (st.ready or 0) > 0 else "PENDING"
 
     def cancel(self) -> None:
-        self._delete(["job", "service", "configmap"])
+        self._delete(["job", "service", "networkpolicy", "configmap"])
 
     def _delete(self, kinds: list[str]) -> None:
         from kubernetes.client.exceptions import ApiException
 
         calls = {"job": self.batch.delete_namespaced_job, "service": self.core.delete_namespaced_service,
+                 "networkpolicy": self.networking.delete_namespaced_network_policy,
                  "configmap": self.core.delete_namespaced_config_map}
         for kind in kinds:
             # Foreground for the Job: it disappears only after its pods, so status() never misses them.

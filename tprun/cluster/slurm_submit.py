@@ -20,13 +20,20 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+from tprun.cluster.handle import JobHandle, JobState
+from tprun.cluster.slurm_render import (
+    THREADS,
+    extra_sbatch_options,
+    nodes_per_task,
+    requeue_after_srun,
+    sbatch_options,
+)
 from tprun.config import JobSpec
-from tprun.launchers.handle import JobHandle, JobState
-from tprun.launchers.slurm_render import THREADS, requeue_after_srun, sbatch_options
 from tprun.runner.exit_codes import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -71,7 +78,9 @@ class TprunTask(submitit.helpers.Checkpointable):
         self.spec = spec
         self.max_requeues = max_requeues
 
-    def __call__(self) -> int:
+    def __call__(self, group: int | None = None) -> int:
+        if group is not None:  # an array task of independent groups: the same number as SLURM_ARRAY_TASK_ID
+            os.environ["TPRUN_GROUP_INDEX"] = str(group)
         # Until tprun's own handlers are in place, once its engine is up, nothing has been done yet: a stop
         # then means leave at once, for requeue. submitit would only log SIGTERM, and on its USR2 requeue
         # from rank 0 alone, bypassing the script's rules (cancel wins, max_requeues).
@@ -123,13 +132,45 @@ def submit_slurm(spec: JobSpec, folder: str | Path | None = None, **parameters) 
     """Submit `spec` as one Slurm job of tp * dp tasks. `folder` holds submitit's pickles and the
     per-task logs (default: OUTPUT.submitit/ next to the output directory); `parameters` go to
     submitit's SlurmExecutor.update_parameters and win over the spec."""
-    spec.check_resources()
-    folder = Path(folder) if folder else Path(spec.output).with_name(Path(spec.output).name + ".submitit")
+    spec.check()
+    folder = private_folder(Path(folder) if folder else default_folder(spec.output))
     executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=spec.slurm.max_requeues,
                                       python=_python(spec))
     executor.update_parameters(**{**executor_parameters(spec), **parameters})
-    job = executor.submit(TprunTask(spec, spec.slurm.max_requeues))
-    return SlurmJob(job, requeue=spec.slurm.requeue)
+    task = TprunTask(spec, spec.slurm.max_requeues)
+    if spec.parallel.groups == "independent":
+        # One array task per TP group (submitit submits a map_array as one Slurm array job).
+        jobs = executor.map_array(task, range(spec.parallel.data_parallel_size))
+        return SlurmArrayJob([SlurmJob(j, requeue=spec.slurm.requeue) for j in jobs], Path(spec.output))
+    return SlurmJob(executor.submit(task), requeue=spec.slurm.requeue)
+
+
+def default_folder(output: str) -> Path:
+    """OUTPUT.submitit beside the output directory (absolute, so `--output .` has a name to extend)."""
+    out = Path(os.path.abspath(output))
+    if out.parent == out:
+        raise ValueError(f"output {output!r} is the root directory; give submit a folder= for submitit's files")
+    return out.with_name(out.name + ".submitit")
+
+
+def private_folder(folder: Path) -> Path:
+    """submitit's folder, created 0700 and refused if others could write to it: the compute nodes
+    unpickle (run) what is in it, as the submitting user."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create submitit folder {folder}: {e.strerror}; choose an output whose "
+                              "parent directory you can write, or pass folder= to tprun.submit") from None
+    st = folder.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"submitit folder {folder} belongs to uid {st.st_uid}, not you ({os.getuid()}): "
+                              "its pickles run as you on the compute nodes; use a folder of your own")
+    if st.st_mode & 0o022:
+        raise PermissionError(
+            f"submitit folder {folder} is group/world-writable (mode {stat.S_IMODE(st.st_mode):04o}): anyone "
+            f"who can write there can plant a pickle that runs as you on the compute nodes; "
+            f"chmod 700 {folder}, or use another folder")
+    return folder
 
 
 def executor_parameters(spec: JobSpec) -> dict:
@@ -137,7 +178,7 @@ def executor_parameters(spec: JobSpec) -> dict:
     res, slurm = spec.resources, spec.slurm
     params: dict = {
         "job_name": spec.name,
-        "nodes": res.nodes,
+        "nodes": nodes_per_task(spec),
         "ntasks_per_node": res.processes_per_node,
         "cpus_per_task": res.cpus_per_proc,
         "time": slurm.time_minutes,
@@ -149,13 +190,14 @@ def executor_parameters(spec: JobSpec) -> dict:
     }
     if res.gpus_per_node > 0:
         params["gpus_per_node"] = res.gpus_per_node
+    if spec.parallel.groups == "independent":
+        params["array_parallelism"] = spec.parallel.data_parallel_size
     # Options submitit does not model pass through as sbatch lines, as `tprun render slurm` writes them.
     passthrough = {"mem", "partition", "account", "qos", "constraint", "chdir", "requeue", "no-requeue"}
     extra: dict = {k.replace("-", "_"): (True if v is None else v)
                    for k, v in sbatch_options(spec) if k in passthrough}
-    for opt in slurm.extra_sbatch:
-        key, sep, value = opt.strip().lstrip("-").partition("=")
-        extra[key.replace("-", "_")] = value if sep else True
+    for key, value in extra_sbatch_options(spec):
+        extra[key.replace("-", "_")] = True if value is None else value
     if extra:
         params["additional_parameters"] = extra
     return params
@@ -207,3 +249,29 @@ class SlurmJob(JobHandle):
                 if text:
                     parts.append(f"===== rank {rank} {name} =====\n{text}")
         return "\n".join(parts)
+
+
+class SlurmArrayJob(JobHandle):
+    """Independent groups: one array task per TP group. The job is done when the output directory holds
+    `_SUCCESS`, whichever tasks got it there: a task that was cancelled or failed leaves its chunks to the
+    others, so its own state decides only while no task is left to finish the job."""
+
+    def __init__(self, tasks: list[SlurmJob], output: Path) -> None:
+        self.tasks = tasks
+        self.output = output
+        self.job_id = tasks[0].job_id.split("_")[0]
+
+    def status(self) -> JobState:
+        states = [t.status() for t in self.tasks]
+        if (self.output / "_SUCCESS").exists() and all(s in ("COMPLETED", "FAILED", "CANCELLED") for s in states):
+            return "COMPLETED"
+        for state in ("RUNNING", "PENDING", "UNKNOWN", "FAILED", "CANCELLED"):
+            if state in states:
+                return state  # type: ignore[return-value]
+        return "COMPLETED"
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.job_id], check=True, capture_output=True, timeout=SLURM_CMD_TIMEOUT_S)
+
+    def logs(self) -> str:
+        return "\n".join(f"##### array task {i} #####\n{t.logs()}" for i, t in enumerate(self.tasks))
