@@ -2,8 +2,9 @@
 # Issue 12 on the GPU machine (run from the repo root; $OUT collects logs and JSON).
 #   check: the GPU tests of the MoE kernels, soft-capping/sinks and the new families; the MoE tile tuning
 #          (benchmarks/moe_kernels.py); a 4-layer probe of the qwen3-30b-a3b shape through tprun and HF.
-#   bench: the qwen3-30b-a3b bench (benchmarks/throughput.py, HF in the same run) with tuned tiles; the
-#          checkpoint (61 GB) goes to /tmp if the disk has room, else to /dev/shm.
+#   bench: the qwen3-30b-a3b bench (benchmarks/throughput.py, HF in the same run on 32 requests with
+#          outputs capped at 32 tokens: HF takes about a second per decode step there); the checkpoint
+#          (61 GB) goes to /tmp if the disk has room, else to /dev/shm; the MoE and new-family tests run meanwhile.
 set -u
 MODE=${1:-check}
 OUT=${OUT:-/tmp/issue12-out}
@@ -55,9 +56,18 @@ if [ "$MODE" = bench ]; then
   avail=$(df --output=avail -k /tmp | tail -1)
   if [ "$avail" -gt $((66 * 1024 * 1024)) ]; then ROOT=/tmp/bench-models; else ROOT=/dev/shm/bench-models; fi
   echo "model root $ROOT" | tee -a "$OUT/env.log"
+  # The checkpoint is written (GPU init, host serialisation) while the tests run.
+  (timeout 300 python3 benchmarks/models.py --shape qwen3-30b-a3b --out "$ROOT/qwen3-30b-a3b-bfloat16" \
+    --device cuda > "$OUT/make_model.log" 2>&1; echo "make_model rc $? at $(date +%T)" >> "$OUT/make_model.log") &
+  MAKER=$!
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_moe_cuda.py tests/test_cuda_engine.py \
+    -k "moe_cuda or new_families" 2>&1 | tee "$OUT/tests.log" | tail -6
+  wait $MAKER
+  tail -1 "$OUT/make_model.log"
   [ -f "${TPRUN_MOE_CONFIGS:-/nonexistent}" ] || unset TPRUN_MOE_CONFIGS
-  echo "TPRUN_MOE_CONFIGS=${TPRUN_MOE_CONFIGS:-unset}" | tee -a "$OUT/env.log"
-  timeout "${BENCH_TIMEOUT:-480}" python3 benchmarks/throughput.py --shape qwen3-30b-a3b --model-root "$ROOT" \
-    --batch1-tokens 32 --hf-requests "${HF_REQUESTS:-64}" --hf-batch-size "${HF_REQUESTS:-64}" \
-    --json "$OUT/bench.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/bench.log" | tail -12
+  echo "TPRUN_MOE_CONFIGS=${TPRUN_MOE_CONFIGS:-unset (moe_cuda.CONFIGS)}" | tee -a "$OUT/env.log"
+  timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/throughput.py --shape qwen3-30b-a3b --model-root "$ROOT" \
+    --batch1-tokens 16 --hf-requests "${HF_REQUESTS:-32}" --hf-batch-size "${HF_REQUESTS:-32}" \
+    --hf-max-tokens "${HF_MAX_TOKENS:-32}" --json "$OUT/bench.json" 2>&1 | grep -v "Loading weights" \
+    | tee "$OUT/bench.log" | tail -9
 fi

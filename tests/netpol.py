@@ -76,7 +76,19 @@ def allowed(policies: list[dict], src: Pod, dst: Pod, protocol: str, port: int) 
 
 
 def job_pods(docs: list[dict], ips: list[str] | None = None) -> list[Pod]:
-    """The Indexed Job's pods, labelled as the Job controller labels them."""
+    """The Indexed Job's pods, labelled as the Job controller labels them (or the LeaderWorkerSet's, as
+    its controller labels them: pod i is worker i % size of group i // size)."""
+    lws = next((d for d in docs if d["kind"] == "LeaderWorkerSet"), None)
+    if lws is not None:
+        from tests.k8s_pods import lws_hostname
+
+        name, ns = lws["metadata"]["name"], lws["metadata"]["namespace"]
+        size, n = lws["spec"]["leaderWorkerTemplate"]["size"], lws["spec"]["replicas"] * lws["spec"]["leaderWorkerTemplate"]["size"]
+        template = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["metadata"]["labels"]
+        ips = ips or [f"10.0.0.{10 + i}" for i in range(n)]
+        return [Pod(lws_hostname(lws, i), ns, ips[i], {
+            **template, "leaderworkerset.sigs.k8s.io/name": name, "leaderworkerset.sigs.k8s.io/group-index":
+            str(i // size), "leaderworkerset.sigs.k8s.io/worker-index": str(i % size)}) for i in range(n)]
     job = next(d for d in docs if d["kind"] == "Job")
     name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
     template = job["spec"]["template"]["metadata"]["labels"]

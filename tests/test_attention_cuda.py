@@ -17,6 +17,7 @@ import torch
 from tests.triton_support import DEVICE, skip_module_without_triton
 
 skip_module_without_triton("the Triton attention backend")
+pytestmark = pytest.mark.gpu
 
 from tprun.worker.attention_metadata import AttentionMetadata  # noqa: E402
 from tprun.worker.layers import attention_cuda as ac  # noqa: E402

@@ -21,6 +21,8 @@ if not torch.cuda.is_available():
 
 from tests.engine_prompts import PROMPT_LENGTHS, make_prompts, make_shared_prefix_prompts  # noqa: E402
 
+pytestmark = pytest.mark.gpu
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 NEW_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "phi3"]

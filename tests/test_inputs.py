@@ -320,3 +320,14 @@ def test_ranks_that_do_not_share_files_fail_together(demo_model, tmp_path, blind
         assert "rank(s) [1] (on" in text
         assert ("read a different input, model or spec than rank 0" in text if blind == "input"
                 else "--output must be a directory shared by all nodes" in text), text
+
+
+def test_summary_counts_prompt_tokens_served_from_the_prefix_cache(demo_model, tmp_path):
+    # Four prompts share their first 40 tokens: the first computes them, each of the others reuses the
+    # two full 16-token blocks (a hit never covers a prompt's last token, and never a partial block).
+    shared = list(range(20, 60))
+    rows = [{"id": i, "prompt_token_ids": shared + [100 + i] * 5} for i in range(4)]
+    out = tmp_path / "out"
+    r = run_cli(run_args(demo_model, write_jsonl(tmp_path / "in.jsonl", rows), out, "--max-tokens", "2"))
+    assert r.returncode == EXIT_OK, r.stderr
+    assert json.loads((out / "summary.json").read_text())["cached_prompt_tokens"] == 3 * 32

@@ -112,6 +112,13 @@ def test_the_network_policy_admits_the_pods_of_every_group_and_only_them():
     assert any("selects none of LeaderWorkerSet 'lws-eval'" in p for p in check_manifests(broken))
 
 
+def test_submit_refuses_independent_groups_with_what_to_do_instead():
+    from tprun.cluster.k8s_submit import SubmitError, submit_kubernetes
+
+    with pytest.raises(SubmitError, match="tprun render k8s SPEC > job.yaml && kubectl apply"):
+        submit_kubernetes(JobSpec.model_validate(SPEC), api_client=object())
+
+
 def test_groups_must_divide_the_nodes():
     bad = {**SPEC, "resources": {**SPEC["resources"], "nodes": 3, "procs_per_node": 8}}
     bad["parallel"] = {**SPEC["parallel"], "tensor_parallel_size": 12}

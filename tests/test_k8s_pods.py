@@ -9,6 +9,7 @@ listens or connects where the policy would drop it fails the test.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -135,3 +136,35 @@ def test_two_processes_in_one_pod_match_torchrun(tmp_path, demo_model, torchrun_
         logs = pods.logs()
     assert codes == [0], logs
     assert read_jsonl(ws / "out" / "tprun-demo" / "results.jsonl") == torchrun_results
+
+
+def test_leader_worker_set_of_two_groups_of_two_pods_matches_torchrun(tmp_path, demo_model, torchrun_results):
+    """--groups independent: a LeaderWorkerSet of 2 groups x 2 pods (TP=2 each), every group its own
+    world found through LWS_LEADER_ADDRESS; they share only the output volume."""
+    ws = workspace(tmp_path, demo_model)
+    spec = JobSpec.from_yaml(ROOT / "examples" / "job.yaml").model_copy(deep=True)
+    spec.parallel.data_parallel_size, spec.parallel.groups, spec.resources.nodes = 2, "independent", 4
+    spec.chunk_size = 2
+    docs = render_manifests(spec)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "NetworkPolicy", "LeaderWorkerSet"]
+    with LocalPods(docs, {"workspace": ws}, tmp_path / "pods") as pods:
+        assert [p.hostname for p in pods.pods] == [] and pods.lws is not None
+        pods.start()
+        assert [p.hostname for p in pods.pods] == ["tprun-demo-0", "tprun-demo-0-1", "tprun-demo-1", "tprun-demo-1-1"]
+        sampler = SocketSampler(pods)
+        sampler.start()
+        try:
+            codes = pods.wait(timeout=300)
+        finally:
+            seen = sampler.stop()
+        logs = pods.logs()
+        ips = [p.ip for p in pods.pods]
+    assert codes == [0, 0, 0, 0], logs
+    connections = check_traffic_against_policy(docs, ips, seen)
+    # each group's ranks talk within the group (worker -> its leader's store), never across groups
+    assert (1, 0, spec.kubernetes.master_port) in connections and (3, 2, spec.kubernetes.master_port) in connections
+    assert not any({src // 2, dst // 2} == {0, 1} for src, dst, _ in connections)
+    out = ws / "out" / "tprun-demo"
+    assert read_jsonl(out / "results.jsonl") == torchrun_results
+    groups = json.loads((out / "summary.json").read_text())["groups"]
+    assert {g["group"] for g in groups} <= {0, 1} and sum(g["chunks"] for g in groups) == 4  # 8 prompts / 2

@@ -34,3 +34,16 @@ def test_cluster_side_is_not_left_in_launchers():
     names = {m.name for m in pkgutil.iter_modules(tprun.launchers.__path__)}
     assert not names & {"slurm_render", "slurm_submit", "k8s_render", "k8s_submit", "k8s_checks",
                         "k8s_network", "handle"}
+
+
+def test_the_runner_loads_only_the_option_models_of_the_cluster_side():
+    """A rank runs the runner: of tprun/cluster/ it may load JobSpec's option models, nothing that renders,
+    submits or talks to a cluster (nor their clients)."""
+    code = ("import json, sys\n"
+            "import tprun.runner.job, tprun.runner.groups, tprun.runner.leases\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                       timeout=120).stdout)
+    cluster = {m for m in loaded if m.startswith("tprun.cluster.")}
+    assert cluster <= {"tprun.cluster.options", "tprun.cluster.spec_rules", "tprun.cluster.handle"}, cluster
+    assert not [m for m in loaded if m.split(".")[0] in ("kubernetes", "submitit")]

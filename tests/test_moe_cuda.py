@@ -15,6 +15,7 @@ import torch
 from tests.triton_support import DEVICE, skip_module_without_triton
 
 skip_module_without_triton("the Triton MoE kernels")
+pytestmark = pytest.mark.gpu
 
 from tprun.worker.layers import moe  # noqa: E402
 from tprun.worker.layers import moe_cuda as mc  # noqa: E402

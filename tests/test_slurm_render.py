@@ -188,3 +188,11 @@ def test_submit_of_independent_groups_asks_for_an_array_of_one_group_each(tmp_pa
     text = _make_sbatch_string(command="true", folder=tmp_path, map_count=2, **params)
     lines = set(sbatch_lines(text))
     assert {"#SBATCH --array=0-1%2", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=4"} <= lines
+
+
+def test_cli_groups_flag_overrides_the_spec_for_render():
+    out = subprocess.run([sys.executable, "-m", "tprun", "render", "slurm", "examples/job.yaml", "--groups",
+                          "independent"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    # examples/job.yaml: TP=2 over 2 nodes, dp 1: an array of one group, which the tasks are told too
+    assert "#SBATCH --array=0-0" in out and "#SBATCH --nodes=2" in out
+    assert "run examples/job.yaml --groups independent" in out

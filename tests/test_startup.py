@@ -191,7 +191,8 @@ def test_values_the_runner_reads_from_the_store_are_parsed_strictly(tmp_path):
     with pytest.raises(StoreValueError, match="is not one of the expected integers"):
         _final(store, watchdog)
     store.set(keys.group_result(0), json.dumps({"group": 0, "ranks": [0, 7], "chunks": 1, "records": 1,
-                                                "tokens": 1, "seconds": 1.0, "stopped": None}))
+                                                "tokens": 1, "cached_prompt_tokens": 0, "seconds": 1.0,
+                                                "stopped": None}))
     with pytest.raises(StoreValueError, match=r"expected a list of integers in \[0, 2\)"):
         _group_result(SimpleNamespace(store=store, world_size=2), 0, watchdog)
     assert not marker.exists()

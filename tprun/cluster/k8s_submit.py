@@ -36,6 +36,12 @@ def submit_kubernetes(
     request_timeout_s: float = 30.0,
 ) -> KubernetesJob:
     """Create the job's objects; returns a handle. `api_client` defaults to kubeconfig / in-cluster."""
+    if spec.parallel.groups == "independent":
+        # A LeaderWorkerSet never completes (its pods restart) and its status says nothing of OUT/_SUCCESS,
+        # which this handle would have to follow; not built yet.
+        raise SubmitError("submit does not create LeaderWorkerSets (independent groups) yet: apply the render "
+                          "instead (tprun render k8s SPEC > job.yaml && kubectl apply -f job.yaml), and delete "
+                          "it once OUT/_SUCCESS exists")
     docs = render_manifests(spec)
     job = KubernetesJob(api_client or _default_client(kubeconfig, context), spec, request_timeout_s)
     job._create(docs)

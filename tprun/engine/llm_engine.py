@@ -100,6 +100,7 @@ class LLMEngine:
         bitmask, rows = self._bitmask(batch)
         step = StepInput(seqs, batch.is_prefill, bitmask, rows)
         out = self.executor.execute_model(step)
+        self._accept_grammar(batch, rows, out.token_ids)
         finished += self.scheduler.postprocess(batch, out)
         return finished
 
@@ -121,6 +122,15 @@ class LLMEngine:
                 self.scheduler.finished_early.append(seq)
                 continue
             seq.matcher = self.structured_outputs.new_matcher(compiled)
+
+    def _accept_grammar(self, batch, rows: list[int], token_ids: list[int]) -> None:
+        """The structured rows' sampled tokens advance their grammars (one call for the batch); the rows
+        are those that had a mask, i.e. exactly those that sampled under a grammar."""
+        if rows:
+            taken = self.structured_outputs.accept_tokens([batch.seqs[i].matcher for i in rows],
+                                                          [token_ids[i] for i in rows])
+            for i, ok in zip(rows, taken):
+                batch.seqs[i].grammar_accepted = ok
 
     def _bitmask(self, batch):
         """The step's structured-output rows, and a function that fills their masks: the worker calls it

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """One token's log-probability under the raw model distribution (vLLM's default), its rank in that
     distribution (1 = most likely) and its text."""

@@ -36,6 +36,7 @@ class Sequence:
     stop_checker: StopStringChecker | None = None
     matcher: Any = None  # structured output: the grammar state after the tokens generated so far
     grammar: Future | None = None  # structured output: the compile, resolved before first scheduling
+    grammar_accepted: bool = True  # whether the grammar took the last sampled token
     logprobs: list[SampleLogprobs] | None = None
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[SampleLogprobs | None] | None = None  # index p: logprobs of prompt token p
@@ -79,8 +80,8 @@ class Sequence:
         last = self.output_token_ids[-1]
         s = self.sampling
         n = len(self.output_token_ids)
-        if self.matcher is not None:
-            if not self.matcher.accept_token(last):
+        if self.matcher is not None:  # the engine fed the token to the grammar for the whole batch
+            if not self.grammar_accepted:
                 self.finish("error", f"token {last} does not fit the structured output grammar (a bug)")
                 return
             if self.matcher.is_terminated():  # it took the EOS that closes the grammar (even with ignore_eos)

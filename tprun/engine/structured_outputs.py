@@ -187,6 +187,17 @@ class StructuredOutputManager:
     def new_matcher(self, compiled: xgr.CompiledGrammar) -> Matcher:
         return Matcher(compiled, self.stop_token_ids, self.vocab_size)
 
+    def accept_tokens(self, matchers: list[Matcher], tokens: list[int]) -> list[bool]:
+        """Matcher i takes tokens[i]: accept_token for a whole step in one call into xgrammar."""
+        ok = [not m.is_terminated() and 0 <= t < self.vocab_size for m, t in zip(matchers, tokens)]
+        live = [i for i, good in enumerate(ok) if good]
+        if live:
+            taken = xgr.BatchGrammarMatcher.batch_accept_token([matchers[i]._matcher for i in live],
+                                                                [int(tokens[i]) for i in live])
+            for i, accepted in zip(live, taken):
+                ok[i] = bool(accepted)
+        return ok
+
     def fill_bitmasks(self, matchers: list[Matcher]) -> torch.Tensor:
         """One step's masks, row i for matchers[i], filled by xgrammar's thread pool (each row depends on
         its own matcher only, so threads change nothing in the result)."""

@@ -183,8 +183,9 @@ def work_until_done(plan: Any, llm: Any, claimer: LeaseClaimer, work: Callable[.
         if total is None:
             total = stats
         else:
-            for key in ("chunks", "records", "tokens", "seconds"):
-                total[key] += stats[key]
+            for key, value in stats.items():  # counters and seconds add up over the rounds
+                if key != "group" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    total[key] += value
         total["stopped"] = claimer.stopped
         if claimer.stopped or not claimer.wait_for_work():
             total["stopped"] = claimer.stopped

@@ -217,7 +217,7 @@ def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
     """
     ctx, spec = llm.dist, plan.spec
     stats = {"group": ctx.dp_rank, "ranks": ctx.tp_group_ranks, "chunks": 0, "records": 0, "tokens": 0,
-             "seconds": 0.0, "stopped": None}
+             "cached_prompt_tokens": 0, "seconds": 0.0, "stopped": None}
     keep_queued = llm.config.max_num_seqs
     inflight: dict[int, _Chunk] = {}
     queued, exhausted, t0 = 0, False, time.monotonic()
@@ -265,6 +265,7 @@ def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any]) 
     stats["chunks"] += 1
     stats["records"] += len(outs)
     stats["tokens"] += tokens
+    stats["cached_prompt_tokens"] += sum(o.num_cached_tokens for o in outs)
 
 
 def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
@@ -293,6 +294,8 @@ def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, e
     summary = {
         "records": merged.records, "errors": merged.errors, "prompt_tokens": merged.prompt_tokens,
         "output_tokens": merged.output_tokens, "seconds": round(elapsed, 3),
+        # Prompt tokens served from the prefix cache in this run (a resumed job counts only its own part).
+        "cached_prompt_tokens": sum(g["cached_prompt_tokens"] for g in groups),
         "tokens_per_s": round(sum(g["tokens"] for g in groups) / elapsed, 2) if elapsed > 0 else None,
         "groups": [{**g, "tokens_per_s": round(g["tokens"] / g["seconds"], 2) if g["seconds"] else None}
                    for g in groups],
@@ -317,7 +320,7 @@ def _await(store: Any, key: str, watchdog: Any) -> None:
 
 _EXIT_CODES = frozenset({EXIT_OK, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_PEER_FAILED})
 _GROUP_FIELDS = {"group": int, "ranks": list, "chunks": int, "records": int, "tokens": int,
-                 "seconds": (int, float), "stopped": (str, type(None))}
+                 "cached_prompt_tokens": int, "seconds": (int, float), "stopped": (str, type(None))}
 
 
 def _final(store: Any, watchdog: Any) -> int:

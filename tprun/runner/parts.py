@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tprun.runner.inputs import LineError
+from tprun.runner.leases import LEASES, create_exclusive
 from tprun.runner.records import TPRUN, RecordFormat
 
 PARTS = "parts"
@@ -86,8 +87,6 @@ def publish_part(out: Path, k: int, tag: str, records: Iterable[dict[str, Any]],
     if is_done(out, k) or not still_ours():
         (out / PARTS / name).unlink(missing_ok=True)
         return False
-    from tprun.runner.leases import create_exclusive
-
     if create_exclusive(done_path(out, k), json.dumps({**stats, "part": name}).encode()):
         _fsync_dir(out / PARTS)
         return True
@@ -178,3 +177,4 @@ def clear_outputs(out: Path) -> None:
     for name in (SUCCESS, SUMMARY, RESULTS, ERRORS, "manifest.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTS, ignore_errors=True)
+    shutil.rmtree(out / LEASES, ignore_errors=True)

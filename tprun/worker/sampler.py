@@ -94,18 +94,17 @@ def _needs_processing(s: SeqStep, masked: bool) -> bool:
 
 def top_logprobs(logits: torch.Tensor, chosen: list[int], ks: list[int], to_device) -> list[SampleLogprobs]:
     """Per row: the chosen token's log-probability and rank, and the top-k (k per row). log p = logit -
-    logsumexp, so the vocabulary is read a few times (no log_softmax copy), and one transfer brings it all."""
+    logsumexp, so the vocabulary is read a few times and no log_softmax copy is made."""
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    rows, k = len(chosen), max(ks)
+    k = max(ks)
     lse = torch.logsumexp(x, dim=-1)
     chosen_logit = x.gather(1, to_device(chosen, torch.long)[:, None])[:, 0]
-    ranks = (x > chosen_logit[:, None]).sum(-1) + 1
-    parts = [chosen_logit - lse, ranks.to(x.dtype)]
+    ranks = ((x > chosen_logit[:, None]).sum(-1) + 1).tolist()
+    chosen_lp = (chosen_logit - lse).tolist()
     if k > 0:
         top = x.topk(k, dim=-1)
-        parts += [(top.values - lse[:, None]).flatten(), top.indices.to(x.dtype).flatten()]
-    flat = torch.cat(parts).tolist()  # ids and ranks are exact in float32 below 2**24
-    chosen_lp, rank_l = flat[:rows], flat[rows: 2 * rows]
-    top_v, top_i = flat[2 * rows: 2 * rows + rows * k], flat[2 * rows + rows * k:]
-    return [SampleLogprobs(t, chosen_lp[r], int(rank_l[r]), [int(i) for i in top_i[r * k: r * k + kk]],
-                           top_v[r * k: r * k + kk]) for r, (t, kk) in enumerate(zip(chosen, ks))]
+        top_v, top_i = (top.values - lse[:, None]).tolist(), top.indices.tolist()
+    else:
+        top_v = top_i = [[] for _ in chosen]
+    return [SampleLogprobs(t, lp, r, ti if kk == k else ti[:kk], tv if kk == k else tv[:kk])
+            for t, lp, r, ti, tv, kk in zip(chosen, chosen_lp, ranks, top_i, top_v, ks)]

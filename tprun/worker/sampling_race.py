@@ -9,7 +9,9 @@ equivalent to Gumbel-max).
 
 Top-p without sorting the vocabulary. Draw from p restricted to tokens above a pivot (at first, all).
 The draw s is in the top-p set exactly when the mass of tokens more likely than s is below top_p; if it is
-not, no token at most as likely as s is either, so the next round draws above p_s. Conditioned on
+not, no token at most as likely as s is either, so the next round draws above s. "More likely" compares
+logits as they are stored, never recomputed probabilities, so rounding cannot make a token look more
+likely than itself. Conditioned on
 acceptance, the draw follows p renormalised on the top-p set, which is what sorting and truncating gives.
 A rejection needs the tail beyond top_p to be hit, so one or two rounds almost always suffice. Rounds end on
 a host check of the whole batch, which every rank makes on identical values.
@@ -53,25 +55,23 @@ def uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 class TorchPasses:
-    """The three passes over [R, V] logits, in torch (any device)."""
-
-    @staticmethod
-    def probs(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / temp[:, None], dim=-1)
+    """The three passes over [R, V] logits, in torch (any device). Pivots are logits: a token takes part
+    when its stored logit is above the row's pivot."""
 
     def __init__(self, logits: torch.Tensor, temp: torch.Tensor) -> None:
-        self.p = self.probs(logits, temp)
+        self.logits = logits
+        self.p = torch.softmax(logits.float() / temp[:, None], dim=-1)
 
     def race(self, keys: torch.Tensor, pivot: torch.Tensor) -> torch.Tensor:
         noise = -torch.log(uniform(keys, self.p.shape[-1]))
-        score = torch.where(self.p > pivot[:, None], self.p / noise, torch.full_like(noise, -1.0))
+        score = torch.where(self.logits > pivot[:, None], self.p / noise, torch.full_like(noise, -1.0))
         return score.argmax(dim=-1)
 
-    def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.p.gather(1, tokens[:, None])[:, 0]
+    def logit_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits.gather(1, tokens[:, None])[:, 0]
 
-    def mass_above(self, p_s: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.p > p_s[:, None], self.p, torch.zeros_like(self.p)).sum(-1)
+    def mass_above(self, logit: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.logits > logit[:, None], self.p, torch.zeros_like(self.p)).sum(-1)
 
 
 def sample(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor | None, seeds: list[int],
@@ -84,17 +84,17 @@ def sample(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor | None,
         Passes = TorchPasses
     passes = Passes(logits, temp)
     rows = logits.shape[0]
-    pivot = torch.full((rows,), -1.0, dtype=torch.float32, device=logits.device)
+    pivot = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
     tokens = passes.race(to_device([row_key(s, c, 0) for s, c in zip(seeds, counters)], torch.int64), pivot)
     if top_p is None:
         return tokens
     accepted = top_p >= 1.0
     for round_ in range(1, _MAX_ROUNDS + 1):
-        p_s = passes.prob_of(tokens)
-        accepted |= passes.mass_above(p_s) < top_p
+        l_s = passes.logit_of(tokens)
+        accepted |= passes.mass_above(l_s) < top_p
         if bool(accepted.all()):
             return tokens
-        pivot = torch.where(accepted, pivot, p_s)
+        pivot = torch.where(accepted, pivot, l_s)
         keys = to_device([row_key(s, c, round_) for s, c in zip(seeds, counters)], torch.int64)
         tokens = torch.where(accepted, tokens, passes.race(keys, pivot))
     raise RuntimeError(f"top-p sampling rejected {_MAX_ROUNDS} draws in a row (a bug)")

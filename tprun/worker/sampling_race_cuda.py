@@ -35,7 +35,7 @@ def _race_kernel(L, Temp, M, Z, Keys, Pivot, Out, vocab, stride, BLOCK: tl.const
     m = tl.load(M + row)
     inv_z = 1.0 / tl.load(Z + row)
     key = tl.load(Keys + row)
-    pivot = tl.load(Pivot + row)
+    pivot = tl.load(Pivot + row).to(tl.float32)
     best = tl.full((), -2.0, tl.float32)
     best_i = tl.full((), 0, tl.int64)
     for start in range(0, vocab, BLOCK):
@@ -51,7 +51,7 @@ def _race_kernel(L, Temp, M, Z, Keys, Pivot, Out, vocab, stride, BLOCK: tl.const
         h = (h * 0x846CA68B) & 0xFFFFFFFF
         h = h ^ (h >> 16)
         u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        score = tl.where(inside & (p > pivot), p / -tl.log(u), -1.0)
+        score = tl.where(inside & (x > pivot), p / -tl.log(u), -1.0)
         block_best = tl.max(score, axis=0)
         block_arg = tl.argmax(score, axis=0).to(tl.int64) + start
         best_i = tl.where(block_best > best, block_arg, best_i)  # the first maximum wins, as torch.argmax
@@ -60,19 +60,19 @@ def _race_kernel(L, Temp, M, Z, Keys, Pivot, Out, vocab, stride, BLOCK: tl.const
 
 
 @triton.jit
-def _mass_kernel(L, Temp, M, Z, Ps, Out, vocab, stride, BLOCK: tl.constexpr):
-    """Per row: the probability mass of tokens more likely than p_s."""
+def _mass_kernel(L, Temp, M, Z, Ls, Out, vocab, stride, BLOCK: tl.constexpr):
+    """Per row: the probability mass of tokens whose stored logit is above l_s."""
     row = tl.program_id(0)
     inv_t = 1.0 / tl.load(Temp + row).to(tl.float32)
     m = tl.load(M + row)
     inv_z = 1.0 / tl.load(Z + row)
-    ps = tl.load(Ps + row)
+    ls = tl.load(Ls + row).to(tl.float32)
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(L + row.to(tl.int64) * stride + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
         p = tl.exp(x * inv_t - m) * inv_z
-        acc += tl.where(p > ps, p, 0.0)
+        acc += tl.where(x > ls, p, 0.0)
     tl.store(Out + row, tl.sum(acc, axis=0))
 
 
@@ -94,11 +94,10 @@ class TritonPasses:
         self._launch(_race_kernel, self.temp, self.m, self.z, keys, pivot.float().contiguous(), out)
         return out
 
-    def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.logits.gather(1, tokens[:, None])[:, 0].float()
-        return torch.exp(x / self.temp - self.m) / self.z
+    def logit_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits.gather(1, tokens[:, None])[:, 0]
 
-    def mass_above(self, p_s: torch.Tensor) -> torch.Tensor:
+    def mass_above(self, logit: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(self.m)
-        self._launch(_mass_kernel, self.temp, self.m, self.z, p_s.float().contiguous(), out)
+        self._launch(_mass_kernel, self.temp, self.m, self.z, logit.float().contiguous(), out)
         return out

@@ -81,7 +81,7 @@ class StepInput:
     token_bitmask_rows: list[int] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleLogprobs:
     """Top-k log-probabilities of one sampled position (raw model distribution)."""
 

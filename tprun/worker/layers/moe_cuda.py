@@ -155,15 +155,21 @@ def _moe_gemm_kernel(A, B, Bias, C, TopkW, Sorted, ExpertIds, NumPost, N, K, num
     tl.store(c, acc.to(C.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
 
-# Tile sizes by pairs per expert (T * k / E). Few (decode) want BLOCK_M 16 and many weight tiles in
+# Tile sizes by pairs per expert (T * k / E). Few (decode) want small M tiles and many weight tiles in
 # flight, since each weight tile is read once per M block; many (prefill) want larger M tiles that reuse
-# each weight tile. An optional "down" entry overrides the down GEMM's tiles (BLOCK_M stays: one layout).
-# TPRUN_MOE_CONFIGS may name a JSON file of the same form, tuned on the card (benchmarks/moe_kernels.py).
+# each weight tile. The "down" entry overrides the down GEMM's tiles (BLOCK_M stays: one layout). Tuned on
+# an H200 at the qwen3-30b-a3b expert shapes (benchmarks/moe_kernels.py, benchmarks/NOTES.md); the spread
+# between candidates was within 10 %. TPRUN_MOE_CONFIGS may name a JSON file of the same form.
+_DOWN = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
 CONFIGS: dict[str, dict] = {
-    "tiny": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
-    "small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
-    "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
-    "prefill": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "tiny": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 3,
+             "down": _DOWN | {"BLOCK_N": 32}},
+    "small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 3,
+              "down": _DOWN},
+    "decode": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
+               "down": _DOWN},
+    "prefill": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
+                "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}},
 }
 
 

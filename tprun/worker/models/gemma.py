@@ -88,8 +88,9 @@ class GemmaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        # The scale rounded to the activations' dtype first, as transformers' scaled embedding does.
-        h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
+        # The scale rounded to the activations' dtype first, as transformers' scaled embedding does; rounded
+        # on the host, so no host-to-device copy is captured in a CUDA graph.
+        h = h * torch.tensor(self.embed_scale, dtype=h.dtype).item()
         tables = {t: rope(positions, h.dtype, meta) for t, rope in self.rotary.items()}
         for layer in self.layers:
             h = layer(h, *tables[layer.layer_type], meta)

@@ -116,7 +116,8 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     def make_mlp(self, cfg: Any, layer_idx: int, tp: TPGroup) -> nn.Module:
         k, e = cfg.num_experts_per_tok, cfg.num_local_experts
-        act = clamped_swiglu(cfg.swiglu_alpha, cfg.swiglu_limit)
+        # transformers before 5.2x has no swiglu_alpha in the config and uses gpt-oss's 1.702 and 7.0.
+        act = clamped_swiglu(getattr(cfg, "swiglu_alpha", 1.702), getattr(cfg, "swiglu_limit", 7.0))
         return SparseMoeBlock(
             ReplicatedLinear(cfg.hidden_size, e, bias=True),
             FusedMoE(e, cfg.hidden_size, cfg.intermediate_size, tp, act, bias=True, layout="gpt_oss",
