@@ -168,7 +168,8 @@ def test_values_the_runner_reads_from_the_store_are_parsed_strictly(tmp_path):
     import torch.distributed as dist
 
     from tprun.runner import keys
-    from tprun.runner.job import _final, _group_result
+    from tprun.runner.finish import _group_result
+    from tprun.runner.finish import final_code as _final
     from tprun.runner.store_values import StoreValueError
     from tprun.runner.watchdog import Watchdog, _host_key
 

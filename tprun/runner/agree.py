@@ -42,7 +42,9 @@ def agree_on_job(plan: Any, ctx: Any) -> None:
     if ctx.rank == 0:
         try:
             manifest.prepare(plan.out, plan.identity, plan.state)
-            parts.remove_stale_temporaries(plan.out)
+            # Independent groups: another group may be writing now; only what no live writer can own goes.
+            parts.remove_stale_temporaries(plan.out, min_age_s=plan.spec.lease_timeout_s
+                                           if plan.spec.parallel.groups == "independent" else 0.0)
         except OSError as e:
             problem = f"rank 0 cannot set up {plan.out}: {e}"
     # Also the barrier behind rank 0's writes.

@@ -23,21 +23,18 @@ from typing import Any
 from tprun.config import JobSpec
 from tprun.runner import keys, parts
 from tprun.runner.exit_codes import (
-    EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_JOB_ERROR,
-    EXIT_OK,
     EXIT_PEER_FAILED,
-    EXIT_REQUEUE,
 )
-from tprun.runner.failures import PeerFailed, explain_failure
+from tprun.runner.failures import explain_failure
+from tprun.runner.finish import final_code, finish_world
 from tprun.runner.inputs import Record, sampling_for
 from tprun.runner.plan import JobPlan, Log, launch_args, plan_job
 from tprun.runner.preflight import JobError
-from tprun.runner.progress import Progress, format_summary
+from tprun.runner.progress import Progress
 from tprun.runner.records import completion_tokens, record_format
 from tprun.runner.startup import READY, StartupBoard, open_board, settle
-from tprun.runner.store_values import StoreValueError, get_int, get_json, get_text, int_list
 
 # How often a rank proves it is alive, and how long a silent rank has before it is declared lost.
 # Detection + reaction stays well inside the 60 s a dead rank may keep the others waiting.
@@ -98,7 +95,7 @@ def _run(plan: JobPlan, quiet: bool, stop: Any, board: StartupBoard | None) -> i
     with board.guard("engine") if board is not None else contextlib.nullcontext():
         try:
             llm = LLM(model=spec.model, tensor_parallel_size=spec.parallel.tensor_parallel_size,
-                      data_parallel_size=spec.parallel.data_parallel_size, dtype=spec.dtype, **spec.engine)
+                      data_parallel_size=spec.group_parallel.data_parallel_size, dtype=spec.dtype, **spec.engine)
         except (ValueError, FileNotFoundError, TypeError) as e:
             log(f"error: {e}")
             code, reason = EXIT_JOB_ERROR, str(e)
@@ -144,6 +141,7 @@ def _shutdown(close: Any, code: int) -> None:
 
 
 def _run_engine(plan: JobPlan, llm: Any, quiet: bool, stop: Any) -> int:
+    from tprun.runner import groups
     from tprun.runner.agree import agree_on_job
     from tprun.runner.chunks import ChunkClaimer
     from tprun.runner.watchdog import Watchdog
@@ -169,25 +167,32 @@ def _run_engine(plan: JobPlan, llm: Any, quiet: bool, stop: Any) -> int:
             f"dp({ctx.dp_size}); results in {plan.out}")
         progress = Progress(ctx.store, total=plan.index.num_records, already_done=done_before,
                             quiet=quiet).start()
-    claimer = ChunkClaimer(ctx.store, num_chunks=plan.index.num_chunks,
-                           is_done=lambda k: parts.is_done(plan.out, k), tp_rank=ctx.tp_rank,
-                           tp_size=ctx.tp_size, tp_group=ctx.tp_cpu_group, stop=stop)
+    independent = plan.spec.parallel.groups == "independent"  # claims by lease file: runner/groups.py
+    claimer = (groups.LeaseClaimer(plan.out, num_chunks=plan.index.num_chunks, tp_rank=ctx.tp_rank,
+                                   tp_size=ctx.tp_size, tp_group=ctx.tp_cpu_group, stop=stop,
+                                   timeout_s=plan.spec.lease_timeout_s, log=log) if independent else
+               ChunkClaimer(ctx.store, num_chunks=plan.index.num_chunks,
+                            is_done=lambda k: parts.is_done(plan.out, k), tp_rank=ctx.tp_rank,
+                            tp_size=ctx.tp_size, tp_group=ctx.tp_cpu_group, stop=stop))
     t0 = time.monotonic()
     failed = False
     try:
-        group = _work(plan, llm, claimer)
+        group = groups.work_until_done(plan, llm, claimer, _work) if independent else _work(plan, llm, claimer)
         if ctx.is_tp_leader:
             ctx.store.set(keys.group_result(ctx.dp_rank), json.dumps(group))
         if ctx.rank == 0:
-            code = _finish(plan, ctx, watchdog, progress, time.monotonic() - t0)
+            code = (groups.finish_group(plan, claimer, time.monotonic() - t0) if independent
+                    else finish_world(plan, ctx, watchdog, progress, time.monotonic() - t0))
             ctx.store.set(keys.FINAL, str(code))
         else:
-            code = _final(ctx.store, watchdog)
+            code = final_code(ctx.store, watchdog)
     except Exception as e:  # noqa: BLE001 - whatever failed, the other ranks must hear of it and stop
         code, failed = explain_failure(e, ctx, watchdog, plan.log), True
     finally:
         if progress is not None:
             progress.close()
+        if independent:
+            claimer.close()  # stop renewing at once: a failed group's chunks must go stale for the others
     watchdog.stop()
     if not failed:
         _leave(ctx)
@@ -238,7 +243,7 @@ def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
             inflight[int(k)].outputs[i] = out
             queued -= 1
         for k in [k for k, c in inflight.items() if c.complete]:  # claim order: deterministic on every rank
-            _write_chunk(plan, ctx, inflight.pop(k), stats)
+            _write_chunk(plan, ctx, inflight.pop(k), stats, claimer)
             if TEST_CHUNK_DELAY_S:
                 time.sleep(TEST_CHUNK_DELAY_S)
         if exhausted and not inflight:
@@ -248,14 +253,14 @@ def _work(plan: JobPlan, llm: Any, claimer: Any) -> dict[str, Any]:
     return stats
 
 
-def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any]) -> None:
+def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any], claimer: Any) -> None:
     outs = [chunk.outputs[str(i)] for i in range(len(chunk.records))]
     tokens = sum(completion_tokens(o) for o in outs)
     if ctx.is_tp_leader:
         fmt = record_format(plan)
         results = [{"line": r.line, **fmt.result(r, o, sampling_for(r, plan.spec.sampling, plan.job_seed))}
                    for r, o in zip(chunk.records, outs)]
-        parts.write_part(plan.out, chunk.index, results, {
+        claimer.write(plan.out, chunk.index, results, {
             "chunk": chunk.index, "records": len(results), "tokens": tokens,
             "seconds": round(time.monotonic() - chunk.started, 3), "group": ctx.dp_rank,
             "host": socket.gethostname(), "finished_at": time.time(),
@@ -266,76 +271,6 @@ def _write_chunk(plan: JobPlan, ctx: Any, chunk: _Chunk, stats: dict[str, Any]) 
     stats["records"] += len(outs)
     stats["tokens"] += tokens
     stats["cached_prompt_tokens"] += sum(o.num_cached_tokens for o in outs)
-
-
-def _finish(plan: JobPlan, ctx: Any, watchdog: Any, progress: Progress | None, elapsed: float) -> int:
-    """Rank 0: wait for every group, then merge (all chunks done) or ask for a requeue (stopped).
-
-    A stop signal that lands here needs no relaying: a group leaves its loop only when every chunk is
-    handed out or the job is already stopping, so what is still running are in-flight chunks, which a
-    stop would let finish anyway.
-    """
-    groups = [_group_result(ctx, g, watchdog) for g in range(ctx.dp_size)]
-    if progress is not None:
-        progress.close()
-    stopped = [g for g in groups if g["stopped"]]
-    missing = [k for k in range(plan.index.num_chunks) if not parts.is_done(plan.out, k)]
-    if missing and stopped:
-        why = get_text(ctx.store, keys.STOP) if ctx.store.check([keys.STOP]) else stopped[0]["stopped"]
-        plan.log(f"stopped ({why}) with {len(missing)} of {plan.index.num_chunks} chunks "
-                 f"left; exiting with {EXIT_REQUEUE} so the job is requeued; rerun to resume")
-        return EXIT_REQUEUE
-    if missing:
-        raise RuntimeError(
-            f"every group finished but chunk(s) {missing[:5]} are not in {plan.out / parts.PARTS}; "
-            "is --output a directory shared by all nodes?"
-        )
-    merged = parts.merge(plan.out, plan.index.num_chunks, plan.index.errors, record_format(plan))
-    summary = {
-        "records": merged.records, "errors": merged.errors, "prompt_tokens": merged.prompt_tokens,
-        "output_tokens": merged.output_tokens, "seconds": round(elapsed, 3),
-        # Prompt tokens served from the prefix cache in this run (a resumed job counts only its own part).
-        "cached_prompt_tokens": sum(g["cached_prompt_tokens"] for g in groups),
-        "tokens_per_s": round(sum(g["tokens"] for g in groups) / elapsed, 2) if elapsed > 0 else None,
-        "groups": [{**g, "tokens_per_s": round(g["tokens"] / g["seconds"], 2) if g["seconds"] else None}
-                   for g in groups],
-        "results": str(plan.out / parts.RESULTS),
-    }
-    parts.write_success(plan.out, summary)
-    print(format_summary(summary), file=sys.stderr, flush=True)
-    return EXIT_OK
-
-
-def _await(store: Any, key: str, watchdog: Any) -> None:
-    """Poll for a key with no timeout of its own: the watchdog ends the wait if a rank is lost.
-
-    `check` instead of a blocking `wait`, which would hold this store connection for its timeout.
-    """
-    while not store.check([key]):
-        reason = watchdog.aborted()
-        if reason is not None:
-            raise PeerFailed(reason)
-        time.sleep(POLL_S)
-
-
-_EXIT_CODES = frozenset({EXIT_OK, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_PEER_FAILED})
-_GROUP_FIELDS = {"group": int, "ranks": list, "chunks": int, "records": int, "tokens": int,
-                 "cached_prompt_tokens": int, "seconds": (int, float), "stopped": (str, type(None))}
-
-
-def _final(store: Any, watchdog: Any) -> int:
-    _await(store, keys.FINAL, watchdog)
-    return get_int(store, keys.FINAL, _EXIT_CODES)
-
-
-def _group_result(ctx: Any, g: int, watchdog: Any) -> dict[str, Any]:
-    key = keys.group_result(g)
-    _await(ctx.store, key, watchdog)
-    group = get_json(ctx.store, key, _GROUP_FIELDS)
-    int_list(key, group["ranks"], 0, ctx.world_size)
-    if group["group"] != g or min(group["chunks"], group["records"], group["tokens"]) < 0:
-        raise StoreValueError(f"malformed value under store key {key!r}: not the result of group {g}")
-    return group
 
 
 def _hard_exit(code: int, why: str) -> None:

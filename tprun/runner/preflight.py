@@ -35,7 +35,12 @@ class ModelInfo:
 
 def check_world(spec: JobSpec, world_size: int, launcher: str) -> None:
     tp, dp = spec.parallel.tensor_parallel_size, spec.parallel.data_parallel_size
-    if tp * dp != world_size:
+    if spec.parallel.groups == "independent" and world_size != tp:
+        raise JobError(
+            f"--groups independent: each TP group is a world of its own tp({tp}) processes, but {launcher} "
+            f"started WORLD_SIZE({world_size}); launch tp processes per group (dp({dp}) is the number of groups)"
+        )
+    if spec.parallel.groups == "one-world" and tp * dp != world_size:
         raise JobError(
             f"tp({tp}) * dp({dp}) = {tp * dp} but {launcher} started WORLD_SIZE({world_size}) process(es); "
             f"launch tp * dp processes or change --tp/--dp"
