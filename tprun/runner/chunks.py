@@ -66,15 +66,25 @@ class ChunkClaimer:
                 return k
 
     def _any_in_group(self, flag: bool) -> bool:
-        if self.tp_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.tp_group)
-        return bool(t.item())
+        return any_in_group(flag, self.tp_size, self.tp_group)
 
     def _from_leader(self, k: int) -> int:
-        if self.tp_size == 1:
-            return k
-        t = torch.tensor([k], dtype=torch.int64)
-        dist.broadcast(t, group=self.tp_group, group_src=0)
-        return int(t.item())
+        return from_leader(k, self.tp_size, self.tp_group)
+
+
+def any_in_group(flag: bool, tp_size: int, tp_group) -> bool:
+    """Whether any rank of the TP group raised the flag (a group collective)."""
+    if tp_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp_group)
+    return bool(t.item())
+
+
+def from_leader(k: int, tp_size: int, tp_group) -> int:
+    """The TP leader's value of k, on every rank of the group (a group collective)."""
+    if tp_size == 1:
+        return k
+    t = torch.tensor([k], dtype=torch.int64)
+    dist.broadcast(t, group=tp_group, group_src=0)
+    return int(t.item())

@@ -19,10 +19,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from tprun.runner import parts
+from tprun.runner.chunks import any_in_group, from_leader
 from tprun.runner.exit_codes import EXIT_OK, EXIT_REQUEUE
 from tprun.runner.leases import Lease, LeaseDir, Renewer
 from tprun.runner.signals import StopFlag
@@ -161,18 +161,10 @@ class LeaseClaimer:
                         else "a stop signal on another rank of this TP group" if stop else "stopped")
 
     def _any_in_group(self, flag: bool) -> bool:
-        if self.tp_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.tp_group)
-        return bool(t.item())
+        return any_in_group(flag, self.tp_size, self.tp_group)
 
     def _from_leader(self, k: int) -> int:
-        if self.tp_size == 1:
-            return k
-        t = torch.tensor([k], dtype=torch.int64)
-        dist.broadcast(t, group=self.tp_group, group_src=0)
-        return int(t.item())
+        return from_leader(k, self.tp_size, self.tp_group)
 
 
 def work_until_done(plan: Any, llm: Any, claimer: LeaseClaimer, work: Callable[..., dict[str, Any]]) -> dict[str, Any]:
