@@ -157,6 +157,8 @@ class EngineConfig(_Strict):
     # Tokens one step computes, decodes and prompt chunks together: a longer prompt is split over steps.
     max_num_batched_tokens: int = Field(8192, ge=1)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (vLLM's)
+    # Schedule step N+1 while the device runs step N; sampled tokens reach the host one step later (vLLM's).
+    async_scheduling: bool = True
     max_model_len: int | None = Field(None, ge=1)
     # Fraction of free device memory (CUDA) the KV cache may take; on CPU the budget is kv_cache_memory.
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)

@@ -110,8 +110,10 @@ class BlockManager:
                 block = self._take_free_block()
                 self._ref_count[block] = 1
                 seq.block_table.append(block)
-        if self.enable_prefix_caching and end // bs > self._num_hashed.get(seq.seq_id, 0):
-            self._register_full_blocks(seq, end // bs)
+        # A block holding a pending token (scheduling ahead) is named once the token's value is known.
+        full = min(end, seq.num_known_tokens) // bs
+        if self.enable_prefix_caching and full > self._num_hashed.get(seq.seq_id, 0):
+            self._register_full_blocks(seq, full)
         return True
 
     def _take_free_block(self) -> int:

@@ -41,6 +41,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self._structured = None
+        self._inflight = None  # (batch, SampledStep): the launched step whose tokens are not on the host yet
 
     @property
     def num_blocks(self) -> int:
@@ -85,24 +86,55 @@ class LLMEngine:
         return self._structured
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def step(self) -> list[Sequence]:
-        """Schedule, run the model, post-process; returns the sequences that finished."""
+        """Schedule and launch a step, then bring in the previous step's tokens (scheduling ahead: the
+        host prepares this step while the device still runs the last one); returns the sequences that
+        finished. The lag is one step, always: nothing depends on when the device is done."""
         self._resolve_grammars()
+        finished: list[Sequence] = []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and self._must_wait(prev[0]):
+            finished += self._resolve(prev)
+            prev = None
         batch = self.scheduler.schedule()
-        finished, self.scheduler.finished_early = self.scheduler.finished_early, []
-        if batch is None:
-            if self.scheduler.has_unfinished() and not finished:
-                raise RuntimeError("scheduler made no progress with requests pending (a bug)")
-            return finished
-        seqs = [s.step_input(n, sample) for s, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample)]
+        early, self.scheduler.finished_early = self.scheduler.finished_early, []
+        if batch is not None:
+            self._inflight = (batch, self._launch(batch, prev[0] if prev is not None else None))
+            if not self.config.async_scheduling:
+                finished += self._resolve(self._inflight)
+                self._inflight = None
+        if prev is not None:
+            finished += self._resolve(prev)
+        if batch is None and prev is None and self.scheduler.has_unfinished() and not early and not finished:
+            raise RuntimeError("scheduler made no progress with requests pending (a bug)")
+        return early + finished
+
+    def _must_wait(self, batch) -> bool:
+        """Rows whose next step needs their last token on the host (its grammar state for the mask, or
+        the output history for penalties, bad words and min_tokens) make the next step wait for it."""
+        return not self.config.async_scheduling or any(
+            sample and (s.matcher is not None or s.sampling.needs_history)
+            for s, sample in zip(batch.seqs, batch.sample))
+
+    def _launch(self, batch, prev):
+        """Build the step (rows fed by the in-flight step read its tokens on the device) and launch it."""
+        prev_rows = {} if prev is None else {s.seq_id: i for i, (s, sample) in enumerate(zip(prev.seqs, prev.sample))
+                                             if sample}
+        seqs = [s.step_input(n, sample, prev_rows.get(s.seq_id, -1))
+                for s, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample)]
         bitmask, rows = self._bitmask(batch)
-        step = StepInput(seqs, batch.is_prefill, bitmask, rows)
-        out = self.executor.execute_model(step)
-        self._accept_grammar(batch, rows, out.token_ids)
-        finished += self.scheduler.postprocess(batch, out)
-        return finished
+        sampled = self.executor.execute_model(StepInput(seqs, batch.is_prefill, bitmask, rows))
+        self.scheduler.commit(batch)
+        batch.grammar_rows = rows
+        return sampled
+
+    def _resolve(self, inflight) -> list[Sequence]:
+        batch, sampled = inflight
+        out = sampled.result()
+        self._accept_grammar(batch, batch.grammar_rows, out.token_ids)
+        return self.scheduler.resolve(batch, out)
 
     def _resolve_grammars(self) -> None:
         """Structured-output requests compile in the background from the moment they arrive; one is

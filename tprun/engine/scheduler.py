@@ -10,7 +10,7 @@ without talking.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tprun.engine.block_manager import BlockManager
 from tprun.engine.sequence import Sequence, SequenceStatus
@@ -25,6 +25,9 @@ class ScheduledBatch:
     # Per sequence: does this step reach the end of its tokens, so that its sampled token is kept? False
     # for a prompt chunk that is not the last one: its row's token must be dropped (and draw no noise).
     sample: list[bool]
+    # Per sequence: num_computed_tokens when the step was scheduled (set by commit()).
+    starts: list[int] = field(default_factory=list)
+    grammar_rows: list[int] = field(default_factory=list)  # rows sampled under a structured-output mask
 
     def add(self, seq: Sequence, num_new_tokens: int, sample: bool) -> None:
         self.seqs.append(seq)
@@ -79,12 +82,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         batch = ScheduledBatch([], False, [], [])
         # Decodes before the chunks of prompts already started; within each, admission order.
-        decodes, chunks = [], []
+        decodes, chunks, finishing = [], [], False
         for s in self.running:
+            if s.will_finish_by_length(self.max_model_len):
+                finishing = True  # scheduling ahead: its last token is on its way, nothing left to compute
+                continue
             (decodes if s.num_tokens - s.num_computed_tokens == 1 else chunks).append(s)
         order = deque(decodes + chunks)
         budget = self.max_num_batched_tokens
         preempted: set[int] = set()
+        waited = False
         while order and budget > 0:
             seq = order.popleft()
             left = seq.num_tokens - seq.num_computed_tokens
@@ -94,6 +101,9 @@ class Scheduler:
                     victim = order.pop()
                 elif batch.seqs:
                     victim = seq
+                elif finishing:  # their blocks come back when their last tokens arrive: wait a step
+                    waited = True
+                    break
                 else:
                     self._fail_alone(seq, n)
                     preempted.add(seq.seq_id)
@@ -110,7 +120,7 @@ class Scheduler:
                 budget -= n
         if preempted:  # the cache just ran out for a running sequence: admitting more would thrash
             self.running = deque(s for s in self.running if s.seq_id not in preempted)
-        else:
+        elif not waited:
             self._admit(budget, batch)
         return batch if batch.seqs else None
 
@@ -152,18 +162,38 @@ class Scheduler:
         self.block_manager.free(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, out: SamplerOutput) -> list[Sequence]:
-        finished = []
-        for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.sample)):
-            if out.prompt_logprobs[i] is not None:
-                seq.record_prompt_logprobs(seq.num_computed_tokens, out.prompt_logprobs[i])
+    def commit(self, batch: ScheduledBatch) -> None:
+        """The step was launched: its K/V count as computed and each sampling row owes a token (pending
+        until resolve() brings its value). The next step can be scheduled before that."""
+        batch.starts = [seq.num_computed_tokens for seq in batch.seqs]
+        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
             seq.num_computed_tokens += n
+            seq.num_pending += sample
+
+    def resolve(self, batch: ScheduledBatch, out: SamplerOutput) -> list[Sequence]:
+        """The step's output reached the host: append the tokens, check stops, free what finished. A
+        sequence that finished at an earlier step (its stop became known after this step was launched)
+        drops this step's token: a token past a stop is never returned."""
+        finished = []
+        for i, (seq, sample) in enumerate(zip(batch.seqs, batch.sample)):
+            seq.num_pending -= sample
+            if seq.is_finished:
+                continue
+            if out.prompt_logprobs[i] is not None:
+                seq.record_prompt_logprobs(batch.starts[i], out.prompt_logprobs[i])
             if not sample:  # a prompt chunk short of the end: its row's token is not a generated one
                 continue
             seq.append_token(out.token_ids[i], out.logprobs[i])
+            # Preempted since this step was launched, it waits in the queue for a recompute.
+            queue = self.running if seq.status is SequenceStatus.RUNNING else self.waiting
             seq.check_stop(self.max_model_len)
             if seq.is_finished:
                 self.block_manager.free(seq)
-                self.running.remove(seq)
+                queue.remove(seq)
                 finished.append(seq)
         return finished
+
+    def postprocess(self, batch: ScheduledBatch, out: SamplerOutput) -> list[Sequence]:
+        """commit() and resolve() at once: a step run without scheduling ahead."""
+        self.commit(batch)
+        return self.resolve(batch, out)

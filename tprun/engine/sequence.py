@@ -29,6 +29,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (vLLM's name): a prefill may take steps
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled (vLLM's)
     num_preemptions: int = 0
+    # Scheduling ahead: tokens sampled on the device whose values the host has not received yet. They
+    # count as tokens (the next step computes their K/V) but are not in output_token_ids until resolved.
+    num_pending: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
     finish_reason: str | None = None
     error: str | None = None
@@ -47,7 +50,21 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens sampled so far, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending
+
+    def will_finish_by_length(self, max_model_len: int) -> bool:
+        """Its pending token is its last one (max_tokens or the model's length): no step needs it again."""
+        return self.num_pending > 0 and (self.num_generated >= self.sampling.max_tokens
+                                         or self.num_tokens >= max_model_len)
 
     @property
     def token_ids(self) -> list[int]:
@@ -101,17 +118,26 @@ class Sequence:
                 self.stop_reason = matched
                 self.finish("stop")
                 return
-        if n >= s.max_tokens or self.num_tokens >= max_model_len:
+        if n >= s.max_tokens or self.num_known_tokens >= max_model_len:
             self.finish("length")
 
-    def step_input(self, num_new_tokens: int, sample: bool = True) -> SeqStep:
+    def step_input(self, num_new_tokens: int, sample: bool = True, prev_row: int = -1) -> SeqStep:
+        """prev_row: the row of the previous step that sampled this sequence's pending token, which is
+        then the last of the new tokens (a placeholder here, read on the device)."""
         start = self.num_computed_tokens  # a prompt chunk need not end at the last token
         # A decode step needs only the last output token: slicing token_ids would copy the whole context.
         p = self.num_prompt_tokens
         end = start + num_new_tokens
-        new = self.output_token_ids[start - p : end - p] if start >= p else self.token_ids[start:end]
+        known = min(end, self.num_known_tokens)
+        new = self.output_token_ids[start - p : known - p] if start >= p else self.token_ids[start:known]
+        if known < end:
+            if prev_row < 0 or end - known != 1:
+                raise RuntimeError(f"sequence {self.seq_id} is scheduled past its known tokens (a bug)")
+            new = [*new, 0]
+        else:
+            prev_row = -1
         return SeqStep(self.seq_id, new, start, list(self.block_table), self.sampling,
-                       self.prompt_token_ids, self.output_token_ids, sample)
+                       self.prompt_token_ids, self.output_token_ids, sample, self.num_generated, prev_row)
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

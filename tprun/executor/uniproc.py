@@ -9,6 +9,7 @@ from typing import Any
 from tprun.config import EngineConfig
 from tprun.launchers.base import DistributedArgs
 from tprun.launchers.local import LocalLauncher
+from tprun.worker.sampled_step import SampledStep
 from tprun.worker.step import StepInput
 from tprun.worker.worker import ReconfigureDistributedRequest, Worker
 
@@ -39,7 +40,8 @@ class UniProcExecutor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
-    def execute_model(self, step: StepInput) -> list[int]:
+    def execute_model(self, step: StepInput) -> SampledStep:
+        """Launch the step on the local worker; result() on the answer waits for its output."""
         return self.worker.execute_model(step)
 
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None, args: tuple = (),

@@ -27,7 +27,7 @@ def process_logits(logits: torch.Tensor, step: StepInput, rows: list[int], to_de
         for tok in _bad_word_bans(s):
             banned_rows.append(i)
             banned_ids.append(tok)
-        if len(s.output_token_ids) < s.sampling.min_tokens:
+        if s.num_generated < s.sampling.min_tokens:
             for tok in s.sampling.min_tokens_blocked:
                 banned_rows.append(i)
                 banned_ids.append(tok)

@@ -13,8 +13,9 @@ import torch
 from tprun.worker.attention_metadata import AttentionMetadata
 from tprun.worker.models import load_model
 from tprun.worker.parallel import TPGroup
+from tprun.worker.sampled_step import SampledStep
 from tprun.worker.sampler import Sampler
-from tprun.worker.step import SamplerOutput, SeqStep, StepInput
+from tprun.worker.step import SeqStep, StepInput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -41,6 +42,7 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.num_blocks = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._last_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
 
     # -- KV cache ------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -143,10 +145,25 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> SamplerOutput:
+    def execute(self, step: StepInput) -> SampledStep:
+        """Launch the step; its tokens stay on the device, where the next step may read them."""
         prompt_logits: list[torch.Tensor | None] = []
         logits = self.compute_logits(step, prompt_logits)
-        return self.sampler(logits, step, prompt_logits)
+        sampled = self.sampler(logits, step, prompt_logits)
+        self._last_tokens = sampled.tokens
+        return sampled
+
+    def _fill_from_previous(self, ids: torch.Tensor, seqs: list[SeqStep], row_starts: list[int]) -> None:
+        """Scheduling ahead: a row whose last token the previous step sampled reads it on the device."""
+        dst, src = [], []
+        for s, start in zip(seqs, row_starts):
+            if s.prev_row >= 0:
+                dst.append(start + len(s.new_token_ids) - 1)
+                src.append(s.prev_row)
+        if dst:
+            if self._last_tokens is None:
+                raise RuntimeError("a step reads the previous step's tokens but none ran (a bug)")
+            ids[self._upload(dst, torch.long)] = self._last_tokens[self._upload(src, torch.long)]
 
     @torch.inference_mode()
     def compute_logits(self, step: StepInput, prompt_logits: list | None = None) -> torch.Tensor:
@@ -164,7 +181,9 @@ class ModelRunner:
             slots.extend(s.block_table[p // bs] * bs + p % bs for p in positions)
         meta = self._metadata([s.start_pos for s in step.seqs], [len(s.new_token_ids) for s in step.seqs],
                               [s.block_table for s in step.seqs], step.is_prefill, slots)
-        hidden = self.model(self._upload(ids, torch.long), self._upload(pos, torch.long), meta)
+        ids = self._upload(ids, torch.long)
+        self._fill_from_previous(ids, step.seqs, meta_starts(step.seqs))
+        hidden = self.model(ids, self._upload(pos, torch.long), meta)
         last = meta.cu_seqlens_q[1:].long() - 1
         if prompt_logits is not None:
             prompt_logits.extend(self._prompt_logits(step, hidden))
@@ -247,6 +266,7 @@ class ModelRunner:
         tables = _padded_tables([s.block_table for s in seqs], bs)
         self._g_ids[:bs].copy_(self._upload([s.new_token_ids[0] for s in seqs] + [0] * pad, torch.long),
                                non_blocking=True)
+        self._fill_from_previous(self._g_ids, seqs, range(n))
         self._g_pos[:bs].copy_(self._upload(pos + [0] * pad, torch.long), non_blocking=True)
         self._g_slots[:bs].copy_(self._upload(slots + [-1] * pad, torch.long), non_blocking=True)
         self._g_seq_lens[:bs].copy_(self._upload([p + 1 for p in pos] + [0] * pad, torch.int32), non_blocking=True)
@@ -268,6 +288,15 @@ def _raise_if_oom(e: BaseException, during: str, fix: str) -> None:
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         raise RuntimeError(f"out of GPU memory while {during}: {text.splitlines()[0] if text else e!r}; "
                            f"{fix}") from e
+
+
+def meta_starts(seqs: list[SeqStep]) -> list[int]:
+    """Where each sequence's new tokens start in the step's flat token array."""
+    starts, at = [], 0
+    for s in seqs:
+        starts.append(at)
+        at += len(s.new_token_ids)
+    return starts
 
 
 def _padded_tables(tables: list[list[int]], rows: int) -> np.ndarray:

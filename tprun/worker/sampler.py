@@ -14,6 +14,7 @@ import torch
 
 from tprun.worker import sampling_race
 from tprun.worker.logits_processors import process_logits
+from tprun.worker.sampled_step import SampledStep
 from tprun.worker.step import SampleLogprobs, SamplerOutput, SeqStep, StepInput
 
 
@@ -22,8 +23,9 @@ class Sampler:
         self.device = device
 
     def __call__(self, logits: torch.Tensor, step: StepInput,
-                 prompt_logits: list[torch.Tensor | None] | None = None) -> SamplerOutput:
-        """logits: [len(step.seqs), vocab], identical on every rank of the TP group."""
+                 prompt_logits: list[torch.Tensor | None] | None = None) -> SampledStep:
+        """logits: [len(step.seqs), vocab], identical on every rank of the TP group. Nothing here waits
+        for the device: the tokens stay there for the next step, the host gets them from result()."""
         seqs = step.seqs
         wide = logits.dtype in (torch.float16, torch.bfloat16)
         lp_rows = [i for i, s in enumerate(seqs) if s.sample and s.sampling.logprobs is not None]
@@ -40,21 +42,33 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if s.sample and not s.sampling.greedy]
         if rows:
             out[self._to_device(rows, torch.long)] = self._sample(logits, seqs, rows)
-        token_ids = out.tolist()
-        logprobs: list[SampleLogprobs | None] = [None] * len(seqs)
+        tensors = [out]
         if lp_rows:
-            ks = [seqs[i].sampling.logprobs for i in lp_rows]
-            chosen = [token_ids[i] for i in lp_rows]
-            for i, lp in zip(lp_rows, top_logprobs(raw, chosen, ks, self._to_device)):
-                logprobs[i] = lp
-        prompt_lps: list[list[SampleLogprobs] | None] = [None] * len(seqs)
+            k = max(seqs[i].sampling.logprobs for i in lp_rows)
+            tensors += logprob_tensors(raw, out[self._to_device(lp_rows, torch.long)], k)
+        prompt_rows = []
         for i, pl in enumerate(prompt_logits or []):
             if pl is not None:
                 s = seqs[i]
                 nxt = s.prompt_token_ids[s.start_pos + 1: s.start_pos + 1 + len(pl)]
-                prompt_lps[i] = top_logprobs(pl[: len(nxt)], nxt, [s.sampling.prompt_logprobs] * len(nxt),
-                                             self._to_device)
-        return SamplerOutput(token_ids, logprobs, prompt_lps)
+                prompt_rows.append((i, nxt))
+                tensors += logprob_tensors(pl[: len(nxt)], self._to_device(nxt, torch.long), s.sampling.prompt_logprobs)
+
+        def build(host: list[list]) -> SamplerOutput:
+            token_ids, parts = host[0], iter(host[1:])
+            logprobs: list[SampleLogprobs | None] = [None] * len(seqs)
+            if lp_rows:
+                chosen = [token_ids[i] for i in lp_rows]
+                ks = [seqs[i].sampling.logprobs for i in lp_rows]
+                for i, lp in zip(lp_rows, logprob_records(chosen, ks, *(next(parts) for _ in range(4)))):
+                    logprobs[i] = lp
+            prompt_lps: list[list[SampleLogprobs] | None] = [None] * len(seqs)
+            for i, nxt in prompt_rows:
+                ks = [seqs[i].sampling.prompt_logprobs] * len(nxt)
+                prompt_lps[i] = logprob_records(nxt, ks, *(next(parts) for _ in range(4)))
+            return SamplerOutput(token_ids, logprobs, prompt_lps)
+
+        return SampledStep(out, tensors, build)
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep], rows: list[int]) -> torch.Tensor:
         params = [seqs[i].sampling for i in rows]
@@ -79,7 +93,7 @@ class Sampler:
         top_p = [p.top_p for p in params]
         return sampling_race.sample(
             picked, temp, self._to_device(top_p, torch.float32) if min(top_p) < 1.0 else None,
-            [p.seed for p in params], [len(seqs[i].output_token_ids) for i in rows], self._to_device)
+            [p.seed for p in params], [seqs[i].num_generated for i in rows], self._to_device)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -92,19 +106,19 @@ def _needs_processing(s: SeqStep, masked: bool) -> bool:
     return p.needs_history or bool(p.logit_bias) or p.allowed_token_ids is not None or masked
 
 
-def top_logprobs(logits: torch.Tensor, chosen: list[int], ks: list[int], to_device) -> list[SampleLogprobs]:
-    """Per row: the chosen token's log-probability and rank, and the top-k (k per row). log p = logit -
-    logsumexp, so the vocabulary is read a few times and no log_softmax copy is made."""
+def logprob_tensors(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Per row, on the device: the chosen token's log-probability and rank, and the top-k values and ids.
+    log p = logit - logsumexp, so the vocabulary is read a few times and no log_softmax copy is made."""
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    k = max(ks)
     lse = torch.logsumexp(x, dim=-1)
-    chosen_logit = x.gather(1, to_device(chosen, torch.long)[:, None])[:, 0]
-    ranks = ((x > chosen_logit[:, None]).sum(-1) + 1).tolist()
-    chosen_lp = (chosen_logit - lse).tolist()
-    if k > 0:
-        top = x.topk(k, dim=-1)
-        top_v, top_i = (top.values - lse[:, None]).tolist(), top.indices.tolist()
-    else:
-        top_v = top_i = [[] for _ in chosen]
-    return [SampleLogprobs(t, lp, r, ti if kk == k else ti[:kk], tv if kk == k else tv[:kk])
+    chosen_logit = x.gather(1, chosen[:, None])[:, 0]
+    ranks = (x > chosen_logit[:, None]).sum(-1) + 1
+    top = x.topk(k, dim=-1)
+    return [chosen_logit - lse, ranks, top.values - lse[:, None], top.indices]
+
+
+def logprob_records(chosen: list[int], ks: list[int], chosen_lp: list[float], ranks: list[int],
+                    top_v: list[list[float]], top_i: list[list[int]]) -> list[SampleLogprobs]:
+    """The host's records from logprob_tensors' lists (each row keeps its own k of the batch's widest)."""
+    return [SampleLogprobs(t, lp, r, ti[:kk], tv[:kk])
             for t, lp, r, ti, tv, kk in zip(chosen, chosen_lp, ranks, top_i, top_v, ks)]

@@ -60,6 +60,12 @@ class SeqStep:
     # False for a prompt chunk that does not reach the end of the prompt: no token is sampled for it
     # (and no noise drawn, so its generator stays where the unchunked schedule would have it).
     sample: bool = True
+    # Tokens generated before the one this step samples (the counter of its seeded noise); may exceed
+    # len(output_token_ids) when the last sampled token has not reached the host yet.
+    num_generated: int = 0
+    # Scheduling ahead: when >= 0, this sequence's last new token is the one the previous step sampled
+    # in that row; it is read on the device (new_token_ids holds a placeholder for it).
+    prev_row: int = -1
 
     @property
     def seq_len(self) -> int:

@@ -16,6 +16,7 @@ from tprun.worker.divergence import DivergenceDetector
 from tprun.worker.model_runner import ModelRunner
 from tprun.worker.models import check_supported
 from tprun.worker.parallel import TPGroup
+from tprun.worker.sampled_step import SampledStep
 from tprun.worker.step import SamplerOutput, StepInput
 
 
@@ -98,10 +99,15 @@ class Worker:
             )
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute_model(self, step: StepInput) -> SamplerOutput:
-        out = self.runner.execute(step)
+    def execute_model(self, step: StepInput) -> SampledStep:
+        """Launch one step; its output reaches the host through result() (in step order: the divergence
+        check hashes the tokens as they arrive)."""
+        sampled = self.runner.execute(step)
+        sampled.then(self._observe)
+        return sampled
+
+    def _observe(self, out: SamplerOutput) -> None:
         out.token_ids = self.divergence.observe(out.token_ids)
-        return out
 
     def check_health(self) -> None:
         if self.runner is None or self.dist is None:
