@@ -16,9 +16,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tprun.cluster.k8s_checks import check_manifests, restricted_violations
+from tprun.cluster.k8s_checks import check_manifests
 from tprun.cluster.k8s_lws import GROUP_INDEX_LABEL
 from tprun.cluster.k8s_network import LWS_NAME_LABEL
+from tprun.cluster.k8s_pod_checks import restricted_violations
 from tprun.cluster.k8s_render import manifests_yaml, render_manifests
 from tprun.config import JobSpec
 

@@ -15,7 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tprun.cluster.k8s_checks import ManifestError, check_manifests, parse_quantity, restricted_violations
+from tprun.cluster.k8s_checks import ManifestError, check_manifests
+from tprun.cluster.k8s_pod_checks import parse_quantity, restricted_violations
 from tprun.cluster.k8s_render import manifests_yaml, render_manifests
 from tprun.config import JobSpec
 

@@ -12,13 +12,19 @@ redone (by it, once recreated, or by another group) after their leases expire. L
 pods (restartPolicy Always): LWS has no notion of completion, so once OUT/_SUCCESS exists every group
 exits 0 and, restarted, exits 0 again at once ("nothing to do"); delete the LeaderWorkerSet then.
 LWS creates the headless Service (named after the LWS) that gives pods their DNS names itself.
+
+Here the LeaderWorkerSet is rendered (for k8s_render) and checked (for k8s_checks), as k8s_network.py
+does for the NetworkPolicy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from tprun.cluster.k8s_network import LWS_NAME_LABEL
+from tprun.cluster.k8s_pod import TMP_DIR
+from tprun.cluster.k8s_pod_checks import check_at_least, check_labels, check_pod
 from tprun.config import JobSpec
 
 API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -27,6 +33,16 @@ KIND = "LeaderWorkerSet"
 GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
 # Env the LWS controller injects itself (from LWS 0.6); the rest the pod template carries.
 LWS_ENV = ("LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX")
+
+HEADER = """\
+# tprun on Kubernetes, independent groups: a ConfigMap with the job spec, a NetworkPolicy, a LeaderWorkerSet.
+# Rendered by `tprun render k8s SPEC`; edit the spec and re-render rather than this file.
+#   kubectl apply -f FILE; kubectl logs -f NAME-0 (group 0's leader); kubectl delete -f FILE once OUT/_SUCCESS exists
+# Each group is one TP group, recreated alone when one of its pods restarts (RecreateGroupOnPodRestart);
+# the groups share only the output directory (a ReadWriteMany volume), where they claim chunks by lease.
+# Network: the set's pods accept TCP only from each other, on the master port and the ephemeral range
+# (gloo/NCCL listeners); they may connect only to each other (same ports) and to DNS (port 53).
+"""
 
 
 def pods_per_group(spec: JobSpec) -> int:
@@ -44,7 +60,7 @@ def lws_pods(spec: JobSpec, labels: dict[str, str]) -> dict[str, str]:
 
 def leader_worker_set(spec: JobSpec, metadata: dict[str, Any], labels: dict[str, str],
                       pod: dict[str, Any]) -> dict[str, Any]:
-    """The LeaderWorkerSet around `pod`, the Indexed Job's pod spec (k8s_render._pod), adapted."""
+    """The LeaderWorkerSet around `pod`, the Indexed Job's pod spec (k8s_pod.pod_spec), adapted."""
     pod = {k: v for k, v in pod.items() if k != "subdomain"}  # LWS sets subdomain to its own Service
     pod["restartPolicy"] = "Always"  # the only policy a StatefulSet's pods may have
     container = pod["containers"][0]
@@ -69,8 +85,6 @@ def leader_worker_set(spec: JobSpec, metadata: dict[str, Any], labels: dict[str,
 
 def group_env(spec: JobSpec) -> list[dict[str, Any]]:
     """What the LWS launcher reads besides LWS_*; the group index from the pod's own label."""
-    from tprun.cluster.k8s_render import TMP_DIR
-
     return [
         {"name": "TPRUN_PROCS_PER_POD", "value": str(spec.resources.processes_per_node)},
         {"name": "TPRUN_GROUP_INDEX",
@@ -81,3 +95,21 @@ def group_env(spec: JobSpec) -> list[dict[str, Any]]:
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+
+
+def check_lws(lws: dict) -> Iterator[str]:
+    """The LWS schema itself is pinned in tests (tests/schemas); here the pods and tprun's rules."""
+    spec = lws.get("spec", {})
+    yield from check_at_least("spec.replicas", spec.get("replicas"), 1)
+    template = spec.get("leaderWorkerTemplate", {})
+    yield from check_at_least("spec.leaderWorkerTemplate.size", template.get("size"), 1)
+    if template.get("restartPolicy") != "RecreateGroupOnPodRestart":
+        yield ("spec.leaderWorkerTemplate.restartPolicy must be RecreateGroupOnPodRestart: a TP group whose "
+               "pod restarted alone could never form again")
+    worker = template.get("workerTemplate", {})
+    yield from check_labels("spec.leaderWorkerTemplate.workerTemplate.metadata.labels",
+                            worker.get("metadata", {}).get("labels", {}))
+    pod = worker.get("spec", {})
+    if pod.get("restartPolicy", "Always") != "Always":
+        yield "spec.leaderWorkerTemplate.workerTemplate.spec.restartPolicy: StatefulSet pods need Always"
+    yield from (f"spec.leaderWorkerTemplate.workerTemplate.spec.{p}" for p in check_pod(pod))

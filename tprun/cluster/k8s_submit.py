@@ -12,7 +12,8 @@ import logging
 from typing import Any
 
 from tprun.cluster.handle import JobHandle, JobState
-from tprun.cluster.k8s_render import CONTAINER, labels, names, render_manifests
+from tprun.cluster.k8s_pod import CONTAINER, names
+from tprun.cluster.k8s_render import labels, render_manifests
 from tprun.config import JobSpec
 
 log = logging.getLogger(__name__)

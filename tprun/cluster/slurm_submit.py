@@ -34,14 +34,7 @@ from tprun.cluster.slurm_render import (
     sbatch_options,
 )
 from tprun.config import JobSpec
-from tprun.runner.exit_codes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_JOB_ERROR,
-    EXIT_OK,
-    EXIT_PEER_FAILED,
-    EXIT_REQUEUE,
-)
+from tprun.runner.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE
 from tprun.runner.signals import STOP_SIGNALS
 
 try:

@@ -61,25 +61,26 @@ def split_option(text: str) -> tuple[str, str | None]:
     return m["name"], m["value"]
 
 
-def dns1123_label(text: str) -> str:
-    if len(text) > 63 or not DNS1123_LABEL.fullmatch(text):
-        raise ValueError(f"{text!r} must be a DNS-1123 label: at most 63 lower-case letters, digits and '-', "
-                         "starting and ending with a letter or digit")
+def _within(text: str, pattern: re.Pattern[str], limit: int, rule: str) -> str:
+    """The length-and-pattern shape of the API server's name rules; ValueError saying `text` must be `rule`."""
+    if len(text) > limit or not pattern.fullmatch(text):
+        raise ValueError(f"{text!r} must be {rule}")
     return text
+
+
+def dns1123_label(text: str) -> str:
+    return _within(text, DNS1123_LABEL, 63, "a DNS-1123 label: at most 63 lower-case letters, digits and '-', "
+                   "starting and ending with a letter or digit")
 
 
 def dns1123_subdomain(text: str) -> str:
-    if len(text) > 253 or not DNS1123_SUBDOMAIN.fullmatch(text):
-        raise ValueError(f"{text!r} must be a DNS-1123 subdomain: at most 253 characters, dot-separated "
-                         "DNS-1123 labels (lower-case letters, digits and '-')")
-    return text
+    return _within(text, DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain: at most 253 characters, dot-separated "
+                   "DNS-1123 labels (lower-case letters, digits and '-')")
 
 
 def label_value(text: str) -> str:
-    if len(text) > 63 or not LABEL_VALUE.fullmatch(text):
-        raise ValueError(f"{text!r} must be a Kubernetes label value: at most 63 letters, digits, '-', '_' "
-                         "and '.', starting and ending with a letter or digit (or empty)")
-    return text
+    return _within(text, LABEL_VALUE, 63, "a Kubernetes label value: at most 63 letters, digits, '-', '_' "
+                   "and '.', starting and ending with a letter or digit (or empty)")
 
 
 def qualified_name(text: str) -> str:

@@ -2,7 +2,7 @@
 
 With `subdomain: S` in the pod template and a headless Service S, the name `J-0.S` (or the
 namespaced `J-0.S.NS.svc`) resolves to pod 0, which hosts rank 0. The Job controller sets only the
-index; the rest comes from variables the rendered manifest sets (k8s_render.py).
+index; the rest comes from variables the rendered manifest sets (k8s_pod.py).
 """
 
 from __future__ import annotations

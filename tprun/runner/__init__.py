@@ -1,23 +1,8 @@
 """The job runner behind `tprun run`: a JSONL file in, OUT/results.jsonl out, resumable, DP x TP."""
 
-from tprun.runner.exit_codes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_JOB_ERROR,
-    EXIT_OK,
-    EXIT_PEER_FAILED,
-    EXIT_REQUEUE,
-)
+from tprun.runner.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_OK, EXIT_PEER_FAILED, EXIT_REQUEUE
 
-__all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_FAILED",
-    "EXIT_JOB_ERROR",
-    "EXIT_OK",
-    "EXIT_PEER_FAILED",
-    "EXIT_REQUEUE",
-    "run_job",
-]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_JOB_ERROR", "EXIT_OK", "EXIT_PEER_FAILED", "EXIT_REQUEUE", "run_job"]
 
 
 def __getattr__(name: str):

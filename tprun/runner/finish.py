@@ -8,14 +8,7 @@ import time
 from typing import Any
 
 from tprun.runner import keys, parts
-from tprun.runner.exit_codes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_JOB_ERROR,
-    EXIT_OK,
-    EXIT_PEER_FAILED,
-    EXIT_REQUEUE,
-)
+from tprun.runner.exit_codes import EXIT_CODES, EXIT_OK, EXIT_REQUEUE
 from tprun.runner.failures import PeerFailed
 from tprun.runner.plan import JobPlan
 from tprun.runner.progress import Progress, format_summary
@@ -75,14 +68,13 @@ def _await(store: Any, key: str, watchdog: Any) -> None:
         time.sleep(POLL_S)
 
 
-_EXIT_CODES = frozenset({EXIT_OK, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_PEER_FAILED})
 _GROUP_FIELDS = {"group": int, "ranks": list, "chunks": int, "records": int, "tokens": int,
                  "cached_prompt_tokens": int, "seconds": (int, float), "stopped": (str, type(None))}
 
 
 def final_code(store: Any, watchdog: Any) -> int:
     _await(store, keys.FINAL, watchdog)
-    return get_int(store, keys.FINAL, _EXIT_CODES)
+    return get_int(store, keys.FINAL, EXIT_CODES)
 
 
 def _group_result(ctx: Any, g: int, watchdog: Any) -> dict[str, Any]:

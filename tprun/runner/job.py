@@ -22,11 +22,7 @@ from typing import Any
 
 from tprun.config import JobSpec
 from tprun.runner import keys, parts
-from tprun.runner.exit_codes import (
-    EXIT_FAILED,
-    EXIT_JOB_ERROR,
-    EXIT_PEER_FAILED,
-)
+from tprun.runner.exit_codes import EXIT_FAILED, EXIT_JOB_ERROR, EXIT_PEER_FAILED
 from tprun.runner.failures import explain_failure
 from tprun.runner.finish import final_code, finish_world
 from tprun.runner.inputs import Record, sampling_for

@@ -25,14 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from tprun.runner import keys
-from tprun.runner.exit_codes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_JOB_ERROR,
-    EXIT_OK,
-    EXIT_PEER_FAILED,
-    EXIT_REQUEUE,
-)
+from tprun.runner.exit_codes import EXIT_BAD_INPUT, EXIT_CODES, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_OK, EXIT_PEER_FAILED
 from tprun.runner.store_values import StoreValueError, get_json, printable
 
 READY = -1  # the verdict code of a rank that goes on to the next phase
@@ -41,7 +34,7 @@ POLL_S = 0.25
 # (when it hosts the store) stays up for them to read why: both well inside the 60 s a job may hang.
 PUBLISH_TIMEOUT_S = 15.0
 LINGER_S = 30.0
-_CODES = frozenset({READY, EXIT_OK, EXIT_FAILED, EXIT_JOB_ERROR, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_PEER_FAILED})
+_CODES = EXIT_CODES | {READY}
 _FIELDS = {"rank": int, "host": str, "code": int, "reason": str}
 _RUNS = [0]  # boards created by this process: every rank runs its jobs in the same order
 
