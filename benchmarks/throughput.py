@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a decode-heavy run")
     p.add_argument("--cprofile", action="store_true", help="print the host-side Python hot spots of that run")
-    p.add_argument("--variants", nargs="*", default=[], choices=["greedy", "sampled", "json", "logprobs"],
+    names = [f"{v}{s}" for v in ("greedy", "sampled", "json", "logprobs") for s in ("", "-sync")]
+    p.add_argument("--variants", nargs="*", default=[], choices=names,
                    help="also time these variants of the workload on the same engine (benchmarks/variants.py)")
     args = p.parse_args()
     defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS

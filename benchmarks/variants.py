@@ -3,6 +3,7 @@
 - sampled: temperature 0.8, top_p 0.95, seed = the request's index (../shared/BENCH.md)
 - json: every request under one JSON schema (structured output), sampled as above so the mask matters
 - logprobs: greedy with logprobs=5 for every generated token
+- NAME-sync: variant NAME with scheduling ahead off (async_scheduling=False), to measure what it gains
 
 Each reports output tokens per second; a structured request ends when its JSON is complete, so its
 output count differs from the plain run's and only tok/s compare.
@@ -20,6 +21,7 @@ SCHEMA = {"type": "object", "properties": {
 def variant_params(name: str, requests) -> list:
     from tprun import SamplingParams
 
+    name = name.removesuffix("-sync")
     if name == "greedy":
         return [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
     if name == "sampled":
@@ -40,11 +42,14 @@ def run_variants(llm, requests, names: list[str], sync) -> dict:
     for name in names:
         params = variant_params(name, requests)
         llm.reset_prefix_cache()  # the previous run cached these very prompts
+        ahead = llm.llm_engine.config.async_scheduling
+        llm.llm_engine.config.async_scheduling = ahead and not name.endswith("-sync")
         sync()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         sync()
         seconds = time.perf_counter() - t0
+        llm.llm_engine.config.async_scheduling = ahead
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         out[name] = {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
                      "finished_stop": sum(o.outputs[0].finish_reason == "stop" for o in outs)}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tprun.worker.attention_metadata import AttentionMetadata
+from tprun.worker.memory_budget import profile_cuda_budget, raise_if_oom
 from tprun.worker.models import load_model
 from tprun.worker.parallel import TPGroup
 from tprun.worker.sampled_step import SampledStep
@@ -61,58 +62,7 @@ class ModelRunner:
             return kv_cache_memory
         if self.device.type != "cuda":
             return CPU_DEFAULT_KV_BYTES
-        return self._profile_cuda_budget(gpu_memory_utilization)
-
-    @torch.inference_mode()
-    def _profile_cuda_budget(self, utilization: float) -> int:
-        # A worst-case prefill without a cache shows the activation peak the cache must leave room for;
-        # the logits and sampler buffers of a full decode batch come on top (float32, a few copies), and
-        # so do the decode kernels' scratch and the memory the CUDA graphs keep (estimated, see below).
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.max_num_batched_tokens, self.max_model_len * self.max_num_seqs)
-        try:
-            lens = _split(n, self.max_model_len)
-            meta = self._metadata([0] * len(lens), lens, [[] for _ in lens], is_prefill=True, slots=None)
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            pos = torch.cat([torch.arange(x, device=self.device) for x in lens])
-            hidden = self.model(ids, pos, meta)
-            self.model.compute_logits(hidden[: min(len(hidden), self.max_num_seqs)])
-            torch.cuda.synchronize(self.device)
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError included
-            _raise_if_oom(e, f"profiling a worst-case prefill of {n} tokens (before the KV cache exists)",
-                          "lower max_num_batched_tokens or max_model_len, or raise --tp")
-            raise
-        peak = torch.cuda.max_memory_allocated(self.device)
-        allocated = torch.cuda.memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        torch.cuda.empty_cache()
-        sampler_bytes = 4 * self.max_num_seqs * self.hf_config.vocab_size * 4
-        activations_per_token = (peak - allocated) / max(n, 1)
-        # Captured graphs own their decode scratch; eager decode needs it transiently.
-        decode_bytes = self._graph_bytes(activations_per_token) or self._decode_scratch_bytes()
-        return int(total * utilization - used_by_others - allocated - (peak - allocated) - sampler_bytes
-                   - decode_bytes)
-
-    def _decode_scratch_bytes(self) -> int:
-        """Split-KV decode attention's float32 partials for a full batch at max_model_len (one layer at a
-        time; the prefill profile never runs the decode kernels)."""
-        a = self.model.attention_layers[0]
-        parts = -(-self.max_model_len // 256)  # the narrowest decode partition (attention_cuda.py)
-        return self.max_num_seqs * a.num_heads * parts * (a.head_dim + 1) * 4
-
-    def _graph_bytes(self, activations_per_token: float) -> int:
-        """What captured decode graphs keep for the life of the engine: the static inputs, the shared
-        pool's activations and scratch of the largest batch, each graph's logits, and per-graph overhead."""
-        if self.enforce_eager or not self._graphs_supported():
-            return 0
-        sizes = graph_batch_sizes(self.max_num_seqs)
-        top, max_blocks = sizes[-1], -(-self.max_model_len // self.block_size)
-        static = top * (3 * 8 + 4) + top * max_blocks * 4 + (top + 1) * 4
-        logits = sum(sizes) * self.hf_config.vocab_size * max(4, torch.finfo(self.dtype).bits // 8)
-        return int(static + activations_per_token * top + self._decode_scratch_bytes() + logits
-                   + _GRAPH_OVERHEAD_BYTES * len(sizes))
+        return profile_cuda_budget(self, gpu_memory_utilization)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -122,20 +72,20 @@ class ModelRunner:
                 layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         except RuntimeError as e:  # torch.cuda.OutOfMemoryError included
-            _raise_if_oom(e, f"allocating the KV cache ({num_blocks} blocks of {self.kv_block_bytes()} bytes)",
+            raise_if_oom(e, f"allocating the KV cache ({num_blocks} blocks of {self.kv_block_bytes()} bytes)",
                           "lower gpu_memory_utilization or set kv_cache_memory")
             raise
-        if self.device.type == "cuda" and not self.enforce_eager and self._graphs_supported():
+        if self.device.type == "cuda" and not self.enforce_eager and self.graphs_supported():
             try:
                 self.capture_decode_graphs()
             except RuntimeError as e:  # torch.cuda.OutOfMemoryError included
                 self.graphs.clear()
-                _raise_if_oom(e, f"capturing CUDA graphs for decode batches of up to {self.max_num_seqs}",
+                raise_if_oom(e, f"capturing CUDA graphs for decode batches of up to {self.max_num_seqs}",
                               "lower gpu_memory_utilization or max_num_seqs, set kv_cache_memory, or set "
                               "enforce_eager=true (no graphs)")
                 raise
 
-    def _graphs_supported(self) -> bool:
+    def graphs_supported(self) -> bool:
         from tprun.worker.layers.attention_cuda import unsupported_reason
 
         a = self.model.attention_layers[0]
@@ -179,7 +129,7 @@ class ModelRunner:
             positions = range(s.start_pos, s.seq_len)
             pos.extend(positions)
             slots.extend(s.block_table[p // bs] * bs + p % bs for p in positions)
-        meta = self._metadata([s.start_pos for s in step.seqs], [len(s.new_token_ids) for s in step.seqs],
+        meta = self.metadata([s.start_pos for s in step.seqs], [len(s.new_token_ids) for s in step.seqs],
                               [s.block_table for s in step.seqs], step.is_prefill, slots)
         ids = self._upload(ids, torch.long)
         self._fill_from_previous(ids, step.seqs, meta_starts(step.seqs))
@@ -208,7 +158,7 @@ class ModelRunner:
         host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def _metadata(self, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
+    def metadata(self, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
                   is_prefill: bool, slots: list[int] | None) -> AttentionMetadata:
         seq_lens = [s + q for s, q in zip(starts, query_lens)]
         cu = [0]
@@ -277,19 +227,6 @@ class ModelRunner:
         return logits[:n]
 
 
-# Driver-side memory of one instantiated graph, outside the caching allocator (a conservative few MiB).
-_GRAPH_OVERHEAD_BYTES = 4 << 20
-
-
-def _raise_if_oom(e: BaseException, during: str, fix: str) -> None:
-    """Running out of device memory `during` a start-up step becomes a clear error; the caller re-raises
-    any other error as it is. The job runner turns either into this rank's failure, which stops every rank."""
-    text = str(e)
-    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        raise RuntimeError(f"out of GPU memory while {during}: {text.splitlines()[0] if text else e!r}; "
-                           f"{fix}") from e
-
-
 def meta_starts(seqs: list[SeqStep]) -> list[int]:
     """Where each sequence's new tokens start in the step's flat token array."""
     starts, at = [], 0
@@ -305,12 +242,4 @@ def _padded_tables(tables: list[list[int]], rows: int) -> np.ndarray:
     out = np.full((rows, width), -1, dtype=np.int32)
     for i, t in enumerate(tables):
         out[i, : len(t)] = t
-    return out
-
-
-def _split(total: int, most: int) -> list[int]:
-    out = []
-    while total > 0:
-        out.append(min(total, most))
-        total -= out[-1]
     return out
