@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,29 @@ def make_bench_model(shape: str, out_dir: str | Path, dtype: torch.dtype = torch
     tokenizer.save_pretrained(out_dir)
     marker.write_text(json.dumps(stamp))  # last: a crash mid-write leaves no marker
     return out_dir
+
+
+def wait_for_model(path: Path, timeout_s: float = 1800.0) -> None:
+    """Ranks other than 0 wait for rank 0 to finish writing the checkpoint."""
+    deadline = time.monotonic() + timeout_s
+    while not (path / MARKER).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no checkpoint appeared in {path} within {timeout_s:.0f} s (rank 0 writes it)")
+        time.sleep(1.0)
+
+
+def rank_model(args, rank: int):
+    """The checkpoint of args.shape in args.dtype, written by rank 0 (the others wait for it):
+    (model_dir, torch dtype, its config)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(torch, args.dtype)
+    model_dir = Path(args.model_root) / f"{args.shape}-{args.dtype}"
+    if rank == 0:
+        make_bench_model(args.shape, model_dir, dtype, args.device)
+    else:
+        wait_for_model(model_dir)
+    return model_dir, dtype, AutoConfig.from_pretrained(model_dir, local_files_only=True)
 
 
 def main() -> None:

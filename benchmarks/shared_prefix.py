@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from models import make_bench_model  # noqa: E402
+from models import rank_model  # noqa: E402
 from roofline import floor, measure_ceilings, model_cost  # noqa: E402
-from throughput import sync, wait_for_model  # noqa: E402
+from throughput import sync  # noqa: E402
 
 GPU_DEFAULTS = {"num_requests": 1024, "prefix_len": 2048, "suffix_len": (32, 128), "output_len": 128,
                 "dtype": "bfloat16"}
@@ -97,15 +97,7 @@ def run(args, model_dir: Path, prompts: list[list[int]], caching: bool, vocab_si
 def main() -> None:
     args = parse_args()
     rank = int(os.environ.get("RANK", "0"))
-    dtype = getattr(torch, args.dtype)
-    model_dir = Path(args.model_root) / f"{args.shape}-{args.dtype}"
-    if rank == 0:
-        make_bench_model(args.shape, model_dir, dtype, args.device)
-    else:
-        wait_for_model(model_dir)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    model_dir, dtype, config = rank_model(args, rank)
     prompts = shared_prefix_prompts(args.num_requests, args.prefix_len, tuple(args.suffix_len), config.vocab_size)
     ceilings = measure_ceilings(torch.device(args.device)) if rank == 0 else None
     on = run(args, model_dir, prompts, True, config.vocab_size)

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from hf_baseline import hf_generate, load_hf_model  # noqa: E402
-from models import MARKER, SHAPES, make_bench_model  # noqa: E402
+from models import SHAPES, rank_model  # noqa: E402
 from roofline import floor, measure_ceilings, model_cost, step_weight_bytes  # noqa: E402
 from workload import Request, bench_requests  # noqa: E402
 
@@ -74,15 +74,6 @@ def parse_args() -> argparse.Namespace:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def wait_for_model(path: Path, timeout_s: float = 1800.0) -> None:
-    """Ranks other than 0 wait for rank 0 to finish writing the checkpoint."""
-    deadline = time.monotonic() + timeout_s
-    while not (path / MARKER).exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no checkpoint appeared in {path} within {timeout_s:.0f} s (rank 0 writes it)")
-        time.sleep(1.0)
 
 
 def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
@@ -266,15 +257,7 @@ def run_hf(args, model_dir: Path, requests: list[Request]) -> dict:
 def main() -> None:
     args = parse_args()
     rank = int(os.environ.get("RANK", "0"))
-    dtype = getattr(torch, args.dtype)
-    model_dir = Path(args.model_root) / f"{args.shape}-{args.dtype}"
-    if rank == 0:
-        make_bench_model(args.shape, model_dir, dtype, args.device)
-    else:
-        wait_for_model(model_dir)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    model_dir, dtype, config = rank_model(args, rank)
     requests = bench_requests(args.num_requests, config.vocab_size, tuple(args.input_len), tuple(args.output_len))
     ceilings = measure_ceilings(torch.device(args.device)) if rank == 0 else None
     tp = run_tprun(args, model_dir, requests)
