@@ -124,6 +124,20 @@ def test_a_token_holding_almost_all_the_mass_is_kept_alone():
     assert tokens.tolist() == [7, 7, 7, 7]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_first_winner_inside_the_top_p_set_is_the_draw(dtype):
+    """draw() races once over every token and cuts only the rows whose winner is outside the set: the same
+    tokens as cutting every row first."""
+    logits, temp, top_p = _rows(dtype, 64, 500, seed=8)
+    passes = sr.TorchPasses(logits, temp)
+    for counter in range(5):
+        keys = torch.tensor([sr.row_key(s, counter, 0) for s in range(64)], dtype=torch.int64)
+        first = passes.race(keys, sr.no_cut(dtype, 64, "cpu"))
+        inside = passes.mass_above(passes.logit_of(first)) < top_p
+        assert 0 < int(inside.sum()) < 64  # both paths are taken
+        assert torch.equal(sr.draw(passes, keys, top_p), passes.race(keys, passes.cut(top_p)))
+
+
 def _no_host_reads(*_, **__):
     raise AssertionError("sampling read a tensor on the host")
 
@@ -174,6 +188,9 @@ def check_triton_matches_torch(device: str, rows: int, vocab: int) -> None:
             assert ((got == want) | (gap < 1e-5)).all(), (dtype, got[got != want], want[got != want])
             assert (got != want).sum() <= 1
             assert (logits.gather(1, got[:, None])[:, 0].float() >= cut).all()
+        thr = ref.logit_of(ref.race(keys, sr.no_cut(dtype, rows, device)))
+        torch.testing.assert_close(fast.mass_above(thr), ref.mass_above(thr), rtol=1e-5, atol=1e-6)
+        assert (sr.draw(fast, keys, top_p) != sr.draw(ref, keys, top_p)).sum() <= 1  # near ties or rounding only
 
 
 @pytest.mark.skipif(not CUDA, reason="the Triton kernels need a CUDA device")
@@ -191,7 +208,7 @@ def test_triton_passes_draw_what_the_torch_passes_draw():
 @pytest.mark.skipif(CUDA, reason="CUDA runs the compiled kernels instead")
 def test_triton_kernels_match_the_torch_passes_in_the_interpreter():
     pytest.importorskip("triton")
-    code = "from tests.test_sampling_race import check_triton_matches_torch as c; c('cpu', 3, 2500)"
+    code = "from tests.test_sampling_race import check_triton_matches_torch as c; c('cpu', 4, 1200)"
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

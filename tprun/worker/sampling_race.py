@@ -102,7 +102,7 @@ class TorchPasses:
     def mass_above(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(self.x > x[:, None], self.p, 0.0).sum(dim=-1)
 
-    def cut(self, top_p: torch.Tensor) -> torch.Tensor:
+    def cut(self, top_p: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """Per row, the smallest value tau of the dtype with mass_above(tau) < top_p, by halving the key
         interval (lo, hi]: lo's mass is known to reach top_p (-inf's by convention), hi is the best cut so
         far (the row max at first, whose mass is 0). Each interval holds under 2^bits keys."""
@@ -116,7 +116,11 @@ class TorchPasses:
             lo = torch.where(good, lo, mid)
         return from_key(hi, self.dtype)
 
-    def race(self, keys: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def logit_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.x.gather(1, tokens[:, None])[:, 0]
+
+    def race(self, keys: torch.Tensor, tau: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """skip (rows whose result is not needed) only saves work on CUDA; here every row is computed."""
         noise = -torch.log(uniform(keys, self.x.shape[-1]))
         score = torch.where(self.x >= tau[:, None], self.e / noise, -1.0)
         return score.argmax(dim=-1)  # the first maximum wins, as in the Triton kernel
@@ -129,10 +133,18 @@ def no_cut(dtype: torch.dtype, rows: int, device: torch.device) -> torch.Tensor:
 
 
 def draw(passes, keys: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
-    """One token per row: the race among each row's top-p set (top_p None: no row cuts)."""
+    """One token per row: the race among each row's top-p set (top_p None: no row cuts).
+
+    The race's winner over every token also wins over the top-p set whenever it belongs to it (the set is a
+    subset, the noise the same): only the rows whose winner falls outside, about 1 - top_p of them, need
+    the cut and a second race. The other rows' programs skip both on the device, with no host decision."""
     rows = keys.shape[0]
-    tau = no_cut(passes.dtype, rows, keys.device) if top_p is None else passes.cut(top_p.float())
-    return passes.race(keys, tau)
+    first = passes.race(keys, no_cut(passes.dtype, rows, keys.device))
+    if top_p is None:
+        return first
+    top_p = top_p.float()
+    inside = (top_p >= 1.0) | (passes.mass_above(passes.logit_of(first)) < top_p)
+    return torch.where(inside, first, passes.race(keys, passes.cut(top_p, skip=inside), skip=inside))
 
 
 def sample(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor | None, seeds: list[int],
