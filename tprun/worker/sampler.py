@@ -38,10 +38,13 @@ class Sampler:
             bitmask = step.token_bitmask() if callable(step.token_bitmask) else step.token_bitmask
             logits[self._to_device(processed, torch.long)] = process_logits(sub, step, processed, self._to_device,
                                                                             bitmask)
-        out = logits.argmax(dim=-1)  # exact in any dtype: the float32 upcast is only for sampling
         rows = [i for i, s in enumerate(seqs) if s.sample and not s.sampling.greedy]
-        if rows:
-            out[self._to_device(rows, torch.long)] = self._sample(logits, seqs, rows)
+        if len(rows) == len(seqs):  # every row samples: no argmax to overwrite
+            out = self._sample(logits, seqs, rows)
+        else:
+            out = logits.argmax(dim=-1)  # exact in any dtype: the float32 upcast is only for sampling
+            if rows:
+                out[self._to_device(rows, torch.long)] = self._sample(logits, seqs, rows)
         tensors = [out]
         if lp_rows:
             k = max(seqs[i].sampling.logprobs for i in lp_rows)
@@ -72,7 +75,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep], rows: list[int]) -> torch.Tensor:
         params = [seqs[i].sampling for i in rows]
-        picked = logits[self._to_device(rows, torch.long)]
+        # Every row sampling (the common case) reads the logits in place: no copy of [rows, vocab].
+        picked = logits if len(rows) == logits.shape[0] else logits[self._to_device(rows, torch.long)]
         temp = self._to_device([p.temperature for p in params], torch.float32)
         top_k = [p.top_k if 0 < p.top_k < logits.shape[-1] else 0 for p in params]
         if any(p.min_p > 0.0 for p in params) or any(top_k):
