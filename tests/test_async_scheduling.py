@@ -114,3 +114,22 @@ def test_the_host_launches_the_next_step_before_reading_the_last(runs):
     assert any(ahead(mixed)) and not all(ahead(mixed))
     for sync in runs[False][1]:
         assert sync == [e for i in range(len(sync) // 2) for e in (f"launch {i}", f"result {i}")]
+
+
+@pytest.mark.parametrize("stop_at_last", [False, True])
+def test_a_request_the_cache_cannot_hold_ends_as_without_scheduling_ahead(demo_model, stop_at_last):
+    """Alone in a 16-block cache, a request grows until it cannot: its last token, still on the device when
+    the cache runs out, is returned (or stops it) before the request fails, exactly as in the synchronous
+    engine."""
+    prompt = list(range(5, 25))
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    got = {}
+    for ahead in (False, True):
+        with LLM(model=str(demo_model), async_scheduling=ahead, **ENGINE) as llm:
+            if stop_at_last and not got:
+                full = llm.generate([prompt], params)[0].outputs[0].token_ids
+                params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, stop_token_ids=[full[-1]])
+            out = llm.generate([prompt], params)[0].outputs[0]
+            got[ahead] = (out.token_ids, out.finish_reason, out.stop_reason)
+    assert got[True] == got[False]
+    assert got[False][1] == ("stop" if stop_at_last else "error")

@@ -18,6 +18,12 @@ def _seq(i: int, n_prompt: int, max_tokens: int) -> Sequence:
     return Sequence(i, list(range(1, n_prompt + 1)), opts, frozenset())
 
 
+def _step_done(sched: Scheduler, batch, out: SamplerOutput) -> list:
+    """A step run without scheduling ahead: launched (commit), then its output arrives (resolve)."""
+    sched.commit(batch)
+    return sched.resolve(batch, out)
+
+
 def _sampled(token_ids: list[int]) -> SamplerOutput:
     return SamplerOutput(token_ids, [None] * len(token_ids), [None] * len(token_ids))
 
@@ -41,7 +47,7 @@ def _drive(num_blocks: int, block_size: int, specs: list[tuple[int, int]], token
         assert sum(batch.num_new_tokens) <= budget
         trace.append((batch.is_prefill, [s.seq_id for s in batch.seqs], list(batch.num_new_tokens),
                       [list(s.block_table) for s in batch.seqs]))
-        sched.postprocess(batch, _sampled([token_fn(s) for s in batch.seqs]))
+        _step_done(sched, batch, _sampled([token_fn(s) for s in batch.seqs]))
         held = {b for s in sched.running for b in s.block_table}  # blocks may be shared
         assert len(held) + sched.block_manager.num_free_blocks == num_blocks, "blocks leaked"
     return trace, sched, seqs
@@ -119,7 +125,7 @@ def test_only_the_last_chunk_of_a_prompt_keeps_its_token():
     while not seq.is_finished:
         batch = sched.schedule()
         chunks.append((batch.num_new_tokens[0], batch.sample[0]))
-        sched.postprocess(batch, _sampled([7]))
+        _step_done(sched, batch, _sampled([7]))
     assert chunks == [(16, False), (16, False), (8, True), (1, True)]
     assert seq.output_token_ids == [7, 7]
 

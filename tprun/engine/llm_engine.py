@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tprun.config import EngineConfig, SamplingParams
 from tprun.engine.block_manager import BlockManager
 from tprun.engine.request_options import RequestError, sampling_options
-from tprun.engine.scheduler import Scheduler
+from tprun.engine.scheduler import ScheduledBatch, Scheduler
 from tprun.engine.sequence import Sequence
 from tprun.engine.stop_strings import StopStringChecker
 from tprun.executor import EXECUTORS
+from tprun.worker.sampled_step import SampledStep
 from tprun.worker.step import SamplingOptions, StepInput
 
 # The options of a request refused before its options could be built: it never reaches the worker.
 _REFUSED = SamplingOptions(temperature=0.0, top_p=1.0, top_k=-1, max_tokens=1, seed=0,
                            stop_token_ids=frozenset(), ignore_eos=False)
+
+
+@dataclass
+class InFlight:
+    """A launched step whose tokens have not reached the host yet."""
+
+    batch: ScheduledBatch
+    sampled: SampledStep
 
 
 class LLMEngine:
@@ -41,7 +51,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self._structured = None
-        self._inflight = None  # (batch, SampledStep): the launched step whose tokens are not on the host yet
+        self._inflight: InFlight | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -91,17 +101,18 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Schedule and launch a step, then bring in the previous step's tokens (scheduling ahead: the
         host prepares this step while the device still runs the last one); returns the sequences that
-        finished. The lag is one step, always: nothing depends on when the device is done."""
+        finished. The host is one step behind except after a step with rows that need their history (then
+        it waits before scheduling): both are decided from the batches alone, never from the device's pace."""
         self._resolve_grammars()
         finished: list[Sequence] = []
         prev, self._inflight = self._inflight, None
-        if prev is not None and self._must_wait(prev[0]):
+        if prev is not None and self._must_wait(prev.batch):
             finished += self._resolve(prev)
             prev = None
         batch = self.scheduler.schedule()
         early, self.scheduler.finished_early = self.scheduler.finished_early, []
         if batch is not None:
-            self._inflight = (batch, self._launch(batch, prev[0] if prev is not None else None))
+            self._inflight = InFlight(batch, self._launch(batch, prev.batch if prev is not None else None))
             if not self.config.async_scheduling:
                 finished += self._resolve(self._inflight)
                 self._inflight = None
@@ -111,14 +122,15 @@ class LLMEngine:
             raise RuntimeError("scheduler made no progress with requests pending (a bug)")
         return early + finished
 
-    def _must_wait(self, batch) -> bool:
+    def _must_wait(self, batch: ScheduledBatch) -> bool:
         """Rows whose next step needs their last token on the host (its grammar state for the mask, or
-        the output history for penalties, bad words and min_tokens) make the next step wait for it."""
+        the output history for penalties, bad words and min_tokens) make the next step wait for it; so does
+        everything when scheduling ahead was switched off since that step was launched."""
         return not self.config.async_scheduling or any(
             sample and (s.matcher is not None or s.sampling.needs_history)
             for s, sample in zip(batch.seqs, batch.sample))
 
-    def _launch(self, batch, prev):
+    def _launch(self, batch: ScheduledBatch, prev: ScheduledBatch | None) -> SampledStep:
         """Build the step (rows fed by the in-flight step read its tokens on the device) and launch it."""
         prev_rows = {} if prev is None else {s.seq_id: i for i, (s, sample) in enumerate(zip(prev.seqs, prev.sample))
                                              if sample}
@@ -130,11 +142,10 @@ class LLMEngine:
         batch.grammar_rows = rows
         return sampled
 
-    def _resolve(self, inflight) -> list[Sequence]:
-        batch, sampled = inflight
-        out = sampled.result()
-        self._accept_grammar(batch, batch.grammar_rows, out.token_ids)
-        return self.scheduler.resolve(batch, out)
+    def _resolve(self, inflight: InFlight) -> list[Sequence]:
+        out = inflight.sampled.result()
+        self._accept_grammar(inflight.batch, inflight.batch.grammar_rows, out.token_ids)
+        return self.scheduler.resolve(inflight.batch, out)
 
     def _resolve_grammars(self) -> None:
         """Structured-output requests compile in the background from the moment they arrive; one is
@@ -177,6 +188,9 @@ class LLMEngine:
         return (lambda: self.structured_outputs.fill_bitmasks(matchers)), rows
 
     def shutdown(self) -> None:
+        if self._inflight is not None:  # its collectives must end before the process group does
+            self._inflight.sampled.wait()
+            self._inflight = None
         self.executor.shutdown()
 
 

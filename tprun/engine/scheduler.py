@@ -2,7 +2,7 @@
 
 Each step has one token budget (max_num_batched_tokens): the running decodes first, one token each,
 then the running sequences still prefilling, then waiting sequences, whose prompts are cut into chunks
-that fit what is left. Every decision depends only on the sequence of add/schedule/postprocess calls,
+that fit what is left. Every decision depends only on the sequence of add/schedule/commit/resolve calls,
 never on timing or memory measured at run time, so all ranks of a TP group make the same decisions
 without talking.
 """
@@ -101,7 +101,9 @@ class Scheduler:
                     victim = order.pop()
                 elif batch.seqs:
                     victim = seq
-                elif finishing:  # their blocks come back when their last tokens arrive: wait a step
+                elif finishing or seq.num_pending:
+                    # Tokens still on their way may free blocks (finishing sequences) or end this one (its own
+                    # pending token may be a stop): wait a step, then fail it alone if it still cannot grow.
                     waited = True
                     break
                 else:
@@ -192,8 +194,3 @@ class Scheduler:
                 queue.remove(seq)
                 finished.append(seq)
         return finished
-
-    def postprocess(self, batch: ScheduledBatch, out: SamplerOutput) -> list[Sequence]:
-        """commit() and resolve() at once: a step run without scheduling ahead."""
-        self.commit(batch)
-        return self.resolve(batch, out)

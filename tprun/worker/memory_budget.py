@@ -51,12 +51,14 @@ def profile_cuda_budget(runner, utilization: float) -> int:
     return int(total * utilization - used_by_others - allocated - (peak - allocated) - sampler_bytes
                - decode_bytes)
 
+
 def decode_scratch_bytes(runner) -> int:
     """Split-KV decode attention's float32 partials for a full batch at max_model_len (one layer at a
     time; the prefill profile never runs the decode kernels)."""
     a = runner.model.attention_layers[0]
     parts = -(-runner.max_model_len // 256)  # the narrowest decode partition (attention_cuda.py)
     return runner.max_num_seqs * a.num_heads * parts * (a.head_dim + 1) * 4
+
 
 def graph_bytes(runner, activations_per_token: float) -> int:
     """What captured decode graphs keep for the life of the engine: the static inputs, the shared

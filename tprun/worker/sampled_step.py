@@ -35,10 +35,14 @@ class SampledStep:
         """Run fn on the output once it reaches the host (the worker's divergence check)."""
         self._then.append(fn)
 
+    def wait(self) -> None:
+        """Until the step has run on the device (its copies are its last work)."""
+        if self._done is not None:
+            self._done.synchronize()
+
     def result(self) -> SamplerOutput:
         if self._result is None:
-            if self._done is not None:
-                self._done.synchronize()
+            self.wait()
             self._result = self._build([h.tolist() for h in self._host])
             self._host = []
             for fn in self._then:
