@@ -122,9 +122,10 @@ class ModelRunner:
         computes that predicts another prompt token (None for the others)."""
         if not step.is_prefill and self.graphs and len(step.seqs) <= max(self.graphs):
             return self._replay_decode(step.seqs)
-        ids, pos, slots = [], [], []
+        ids, pos, slots, starts = [], [], [], []
         bs = self.block_size
         for s in step.seqs:
+            starts.append(len(ids))  # where its new tokens begin in the flat batch
             ids.extend(s.new_token_ids)
             positions = range(s.start_pos, s.seq_len)
             pos.extend(positions)
@@ -132,23 +133,20 @@ class ModelRunner:
         meta = self.metadata([s.start_pos for s in step.seqs], [len(s.new_token_ids) for s in step.seqs],
                               [s.block_table for s in step.seqs], step.is_prefill, slots)
         ids = self._upload(ids, torch.long)
-        self._fill_from_previous(ids, step.seqs, meta_starts(step.seqs))
+        self._fill_from_previous(ids, step.seqs, starts)
         hidden = self.model(ids, self._upload(pos, torch.long), meta)
         last = meta.cu_seqlens_q[1:].long() - 1
         if prompt_logits is not None:
-            prompt_logits.extend(self._prompt_logits(step, hidden))
+            prompt_logits.extend(self._prompt_logits(step, hidden, starts))
         return self.model.compute_logits(hidden[last])
 
-    def _prompt_logits(self, step: StepInput, hidden: torch.Tensor) -> list[torch.Tensor | None]:
+    def _prompt_logits(self, step: StepInput, hidden: torch.Tensor, starts: list[int]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
-        offset = 0
-        for s in step.seqs:
-            n = len(s.new_token_ids)
+        for s, offset in zip(step.seqs, starts):
             # Position p predicts prompt token p + 1: the last prompt position predicts an output token.
             count = min(s.seq_len, len(s.prompt_token_ids) - 1) - s.start_pos
             out.append(self.model.compute_logits(hidden[offset: offset + count])
                        if s.wants_prompt_logprobs and count > 0 else None)
-            offset += n
         return out
 
     def _upload(self, values, dtype: torch.dtype) -> torch.Tensor:
@@ -225,15 +223,6 @@ class ModelRunner:
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
-
-
-def meta_starts(seqs: list[SeqStep]) -> list[int]:
-    """Where each sequence's new tokens start in the step's flat token array."""
-    starts, at = [], 0
-    for s in seqs:
-        starts.append(at)
-        at += len(s.new_token_ids)
-    return starts
 
 
 def _padded_tables(tables: list[list[int]], rows: int) -> np.ndarray:
