@@ -1,5 +1,6 @@
 """GPU time of the seeded sampler (tprun/worker/sampling_race*.py) at the bench vocabulary, by do_bench:
-the stats pass, the full top-p cut, the race, and a whole sample() with and without top-p, for flat logits
+the stats pass alone, the full top-p cut, the race, the first race of a draw (which computes the stats in the
+same read), and a whole sample() with and without top-p, for flat logits
 (the random-weight bench models: top-p keeps ~95 % of the vocabulary) and peaked ones (an LLM-like row:
 a few dozen tokens far above the rest).
 
@@ -49,13 +50,16 @@ def to_device(values, dtype):
 
 
 def timings(rows: int, dtype: torch.dtype, peaked: bool) -> list[float]:
-    """us: stats, full cut, race, sample() with top-p, without; host us per sample() call."""
+    """us: stats, full cut, race, race + stats, sample() with top-p, without; host us per sample() call."""
     x, temp, top_p, keys = data(rows, dtype, peaked)
     passes = rc.TritonPasses(x, temp)
     tau = passes.cut(top_p)
     args = (list(range(rows)), [5] * rows, to_device)
-    gpu = [do_bench(fn) * 1e3 for fn in (lambda: rc.TritonPasses(x, temp), lambda: passes.cut(top_p),
-                                         lambda: passes.race(keys, tau), lambda: sr.sample(x, temp, top_p, *args),
+    whole = sr.no_cut(dtype, rows, "cuda")
+    gpu = [do_bench(fn) * 1e3 for fn in (lambda: rc.TritonPasses(x, temp).m, lambda: passes.cut(top_p),
+                                         lambda: passes.race(keys, tau),
+                                         lambda: rc.TritonPasses(x, temp).race(keys, whole),
+                                         lambda: sr.sample(x, temp, top_p, *args),
                                          lambda: sr.sample(x, temp, None, *args))]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -68,12 +72,13 @@ def timings(rows: int, dtype: torch.dtype, peaked: bool) -> list[float]:
 
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}; us per call (do_bench); host us per sample() call")
-    print(f"{'data':6} {'dtype':8} {'rows':>4} | {'stats':>6} {'cut':>6} {'race':>6} | {'top-p':>7} {'none':>6} | host")
+    print(f"{'data':6} {'dtype':8} {'rows':>4} | {'stats':>6} {'cut':>6} {'race':>6} {'race+s':>6} | {'top-p':>7} "
+          f"{'none':>6} | host")
     for peaked, dtype in ((False, torch.bfloat16), (False, torch.float32), (True, torch.bfloat16)):
         for rows in (1, 8, 64, 256):
             t = timings(rows, dtype, peaked)
             print(f"{'peaked' if peaked else 'flat':6} {str(dtype)[6:]:8} {rows:4} | {t[0]:6.0f} {t[1]:6.0f} "
-                  f"{t[2]:6.0f} | {t[3]:7.0f} {t[4]:6.0f} | {t[5]:.0f}", flush=True)
+                  f"{t[2]:6.0f} {t[3]:6.0f} | {t[4]:7.0f} {t[5]:6.0f} | {t[6]:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 - logprobs: greedy with logprobs=5 for every generated token
 - NAME-sync: variant NAME with scheduling ahead off (async_scheduling=False), to measure what it gains
 
+A name given twice is timed twice (the second as NAME#2): pairs in one process show the spread.
+
 Each reports output tokens per second; a structured request ends when its JSON is complete, so its
 output count differs from the plain run's and only tok/s compare.
 """
@@ -51,7 +53,8 @@ def run_variants(llm, requests, names: list[str], sync) -> dict:
         seconds = time.perf_counter() - t0
         llm.llm_engine.config.async_scheduling = ahead
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        out[name] = {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
+        key = name if name not in out else f"{name}#{sum(k.split('#')[0] == name for k in out) + 1}"
+        out[key] = {"seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
                      "finished_stop": sum(o.outputs[0].finish_reason == "stop" for o in outs)}
         print(f"variant {name}: {seconds:.2f} s, {tokens} output tokens, {tokens / seconds:.0f} out tok/s", flush=True)
     return out

@@ -7,7 +7,9 @@ Noise. Token t of a row gets E = -log(u), u uniform from a hash of (row key, t);
 request's seed and how many tokens it has generated. The noise is thus a pure function of the request and
 its position: the same on every rank, in any batch, after preemption or chunked prefill, and it needs no
 generator state and no per-row kernel. argmax(p / E) is a draw from p (the exponential race, equivalent to
-Gumbel-max).
+Gumbel-max); it is computed as argmax(log2(p) - log2(E)), and since log2(E) = log2(-log2(u)) + log2(ln 2)
+and log2(p) = logit / T * log2(e) - log2(Z), as argmax(logit / T * log2(e) - log2(-log2(u))): two log2 a
+token and no row stats, so the first race can compute the stats in the same read.
 
 Top-p. With p = softmax(logit / T) from each row's max M and sum Z, token t is in the top-p set iff
 mass_above(l_t) < top_p, mass_above(x) being the mass of tokens whose stored logit is strictly above x:
@@ -22,15 +24,15 @@ truncating gives. Rows with top_p >= 1 cut only masked (-inf) tokens.
 Rounding. On CUDA the passes (stats, cut, race) are Triton kernels that split each row into a constant
 number of slices and combine the slices' partials in slice order, without atomics: every rank, at every
 batch size, sums in the same order and finds the same cut. Elsewhere the same hash and formulas run in torch.
-The race scores exp(logit / T - M) / E: 1/Z is common to a row, so leaving it out keeps the draw and keeps
-the two paths' scores equal wherever exp and log round alike; their cuts can differ only where a mass is
-within rounding of top_p.
+The two paths' race scores are equal wherever their log2 round alike, and their cuts can differ only where a
+mass is within rounding of top_p.
 """
 
 from __future__ import annotations
 
 import torch
 
+LOG2E = 1.4426950408889634
 MASK32 = 0xFFFFFFFF
 MASK64 = (1 << 64) - 1
 
@@ -93,7 +95,7 @@ class TorchPasses:
     def __init__(self, logits: torch.Tensor, temp: torch.Tensor) -> None:
         self.dtype = logits.dtype
         self.x = logits if logits.dtype == torch.float64 else logits.float()  # compared as stored
-        s = self.x.float() * (1.0 / temp.float())[:, None]
+        self.s = s = self.x.float() * (1.0 / temp.float())[:, None]
         self.xmax = self.x.max(dim=-1).values
         self.m = s.max(dim=-1).values
         self.e = torch.exp(s - self.m[:, None])
@@ -119,10 +121,13 @@ class TorchPasses:
     def logit_of(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.x.gather(1, tokens[:, None])[:, 0]
 
+    def scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """The race's score of every token: logit / T * log2(e) - log2(-log2(u))."""
+        return self.s * LOG2E - torch.log2(-torch.log2(uniform(keys, self.x.shape[-1])))
+
     def race(self, keys: torch.Tensor, tau: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """skip (rows whose result is not needed) only saves work on CUDA; here every row is computed."""
-        noise = -torch.log(uniform(keys, self.x.shape[-1]))
-        score = torch.where(self.x >= tau[:, None], self.e / noise, -1.0)
+        score = torch.where(self.x >= tau[:, None], self.scores(keys), float("-inf"))
         return score.argmax(dim=-1)  # the first maximum wins, as in the Triton kernel
 
 

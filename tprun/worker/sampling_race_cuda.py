@@ -1,12 +1,14 @@
 """The passes of sampling_race.py as Triton kernels, for bf16, fp16 and fp32 logits. Each pass splits every
 row into CHUNKS slices, one program each: a single program walking a 151,936-token row serially is bound by
 its load latency, and a small batch would leave most of the GPU idle. A program reads its slice, computes
-e = exp(logit / T - M), p = e / Z and the noise (the same integer hash as the torch version) in registers
-and writes its slice's partials (max and sum; masses above the thresholds; best score and its index). The
-next launch combines a row's partials in chunk order. CHUNKS is a constant and nothing is summed through
-atomics, so the order of every sum, hence every cut and draw, is the same on every rank and at every batch
-size. Kernels launch with fp fusion off and libdevice's exp and log, IEEE division: the formulas round as
-torch's do, which keeps the race's scores equal to the torch path's."""
+p = exp(logit / T - M) / Z and the noise (the same integer hash as the torch version) in registers and
+writes its slice's partials (max and sum; masses above the thresholds; best score and its index). The next
+launch combines a row's partials in chunk order. CHUNKS is a constant and nothing is summed through atomics,
+so the order of every sum, hence every cut and draw, is the same on every rank and at every batch size.
+The first race of a draw also computes the row stats (M, Z) in the same read of the logits: the race's
+scores need neither. Kernels launch with fp fusion off; p uses libdevice's exp (as torch rounds), the race's
+scores the hardware's log2, which may round differently from torch: the two paths then differ only at a near
+tie of scores."""
 
 from __future__ import annotations
 
@@ -39,17 +41,30 @@ _FORMAT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class TritonPasses:
-    """TorchPasses' interface on CUDA; the stats pass runs at construction."""
+    """TorchPasses' interface on CUDA. The row stats (xmax, m, inv_z) come from the first race over every row,
+    or from a pass of their own when something needs them first."""
 
     def __init__(self, logits: torch.Tensor, temp: torch.Tensor) -> None:
         self.dtype = logits.dtype
         self.logits = logits.contiguous()
         self.rows, self.vocab = self.logits.shape
         self.inv_t = (1.0 / temp.float()).contiguous()  # torch's division, as in TorchPasses
-        self.xmax, self.m, self.inv_z = (self._empty(self.rows) for _ in range(3))
-        part = self._empty(self.rows, 3, _CHUNKS)
-        self._launch(stats_kernel, "stats", self.inv_t, part)
-        self._finish(stats_finish_kernel, part, self.xmax, self.m, self.inv_z)
+        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _finish_stats(self, part: torch.Tensor) -> None:
+        self._stats = tuple(self._empty(self.rows) for _ in range(3))
+        self._finish(stats_finish_kernel, part, *self._stats)
+
+    def _row_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._stats is None:
+            part = self._empty(self.rows, 3, _CHUNKS)
+            self._launch(stats_kernel, "stats", self.inv_t, part)
+            self._finish_stats(part)
+        return self._stats
+
+    xmax = property(lambda self: self._row_stats()[0])
+    m = property(lambda self: self._row_stats()[1])
+    inv_z = property(lambda self: self._row_stats()[2])
 
     def _empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.logits.device)
@@ -100,8 +115,12 @@ class TritonPasses:
 
     def race(self, keys: torch.Tensor, tau: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         best, arg = self._empty(self.rows, _CHUNKS), self._empty(self.rows, _CHUNKS, dtype=torch.int32)
-        self._launch(race_kernel, "race", self.inv_t, self.m, keys.contiguous(), tau.float().contiguous(),
-                     self._skip(skip), best, arg)
+        stats = self._stats is None and skip is None  # every row read whole: the stats come for free
+        part = self._empty(self.rows, 3, _CHUNKS) if stats else best
+        self._launch(race_kernel, "race", self.inv_t, keys.contiguous(), tau.float().contiguous(),
+                     self._skip(skip), best, arg, part, STATS=stats)
         out = self._empty(self.rows, dtype=torch.int64)
         self._finish(race_finish_kernel, best, arg, out)
+        if stats:
+            self._finish_stats(part)
         return out

@@ -22,15 +22,6 @@ def _exp(x):
 
 
 @triton.jit
-def _log(x):
-    if _INTERPRET:
-        y = tl.log(x)
-    else:
-        y = libdevice.log(x)
-    return y
-
-
-@triton.jit
 def _key_of(v, FORMAT: tl.constexpr):
     """A float32 value representable in the logits' format -> its int64 key (sampling_race.key_space)."""
     if FORMAT == 0:
@@ -68,6 +59,13 @@ def _slice(L, stride, chunk_len, vocab):
 
 
 @triton.jit
+def _stats_update(x, s, xm, m, z):
+    """One block into the running (largest logit, max of s = logit / T, sum of exp(s - max))."""
+    new_m = tl.maximum(m, tl.max(s, axis=0))
+    return tl.maximum(xm, tl.max(x, axis=0)), new_m, z * _exp(m - new_m) + tl.sum(_exp(s - new_m), axis=0)
+
+
+@triton.jit
 def stats_kernel(L, InvT, Part, vocab, stride, chunk_len, CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
                   STAGES: tl.constexpr):
     """Per slice: the largest stored logit, m = max(logit / T) and sum(exp(logit / T - m))."""
@@ -80,11 +78,7 @@ def stats_kernel(L, InvT, Part, vocab, stride, chunk_len, CHUNKS: tl.constexpr, 
     for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < hi, other=float("-inf")).to(tl.float32)
-        xm = tl.maximum(xm, tl.max(x, axis=0))
-        s = x * inv_t
-        new_m = tl.maximum(m, tl.max(s, axis=0))
-        z = z * _exp(m - new_m) + tl.sum(_exp(s - new_m), axis=0)
-        m = new_m
+        xm, m, z = _stats_update(x, x * inv_t, xm, m, z)
     out = Part + row * 3 * CHUNKS + tl.program_id(1)
     tl.store(out, xm)
     tl.store(out + CHUNKS, m)
@@ -163,23 +157,28 @@ def cut_finish_kernel(TopP, Bounds, Mass, Tau, FORMAT: tl.constexpr, LOG2_WAYS: 
 
 
 @triton.jit
-def race_kernel(L, InvT, M, Keys, Tau, Skip, Best, Arg, vocab, stride, chunk_len, CHUNKS: tl.constexpr,
-                 BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """Per slice: the best exp(logit / T - M) / E over tokens whose logit is >= tau, and its first index."""
+def race_kernel(L, InvT, Keys, Tau, Skip, Best, Arg, StatsPart, vocab, stride, chunk_len, STATS: tl.constexpr,
+                CHUNKS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Per slice: the best score logit / T * log2(e) - log2(-log2(u)) over tokens whose logit is >= tau, and
+    its first index; with STATS, also stats_kernel's partials, from the same read of the logits."""
     row = tl.program_id(0)
     base, first, end = _slice(L, stride, chunk_len, vocab)
     end = tl.where(tl.load(Skip + row) != 0, first, end)
     inv_t = tl.load(InvT + row)
-    m = tl.load(M + row)
     key = tl.load(Keys + row).to(tl.uint32)
     tau = tl.load(Tau + row)
-    best = tl.full((), -2.0, tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
     best_i = tl.full((), 0, tl.int32)
+    xm = tl.full((), float("-inf"), tl.float32)
+    m = tl.full((), -1e30, tl.float32)
+    z = tl.full((), 0.0, tl.float32)
     for start in tl.range(first, end, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+        s = x * inv_t
+        if STATS:
+            xm, m, z = _stats_update(x, s, xm, m, z)
         if tl.max(x, axis=0) >= tau:  # tau is finite: masked and out-of-range tokens never compete
-            e = _exp(x * inv_t - m)
             # uint32 arithmetic wraps as the torch version's int64 masked to 32 bits, at a third of the cost.
             h = offs.to(tl.uint32) * 0x9E3779B1 + key
             h = h ^ (h >> 16)
@@ -188,13 +187,18 @@ def race_kernel(L, InvT, M, Keys, Tau, Skip, Best, Arg, vocab, stride, chunk_len
             h = h * 0x846CA68B
             h = h ^ (h >> 16)
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            score = tl.where(x >= tau, tl.math.div_rn(e, -_log(u)), -1.0)
+            score = tl.where(x >= tau, s * 1.4426950408889634 - tl.log2(-tl.log2(u)), float("-inf"))
             block_best = tl.max(score, axis=0)
             block_arg = tl.argmax(score, axis=0) + start
             best_i = tl.where(block_best > best, block_arg, best_i)  # the first maximum wins, as torch.argmax
             best = tl.maximum(best, block_best)
     tl.store(Best + row * CHUNKS + tl.program_id(1), best)
     tl.store(Arg + row * CHUNKS + tl.program_id(1), best_i)
+    if STATS:
+        out = StatsPart + row * 3 * CHUNKS + tl.program_id(1)
+        tl.store(out, xm)
+        tl.store(out + CHUNKS, m)
+        tl.store(out + 2 * CHUNKS, z)
 
 
 @triton.jit

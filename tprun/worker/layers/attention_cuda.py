@@ -273,9 +273,9 @@ def _decode_merge_kernel(Part_out, Part_lse, Seq_lens, Out, Sinks, stride_ot, st
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     sliding_window: int | None = None, partition: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2, softcap: float | None = None, sinks: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     sliding_window: int | None = None, partition: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, num_heads, head_dim], one new token per sequence -> [B, num_heads, head_dim]."""
     batch, num_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
@@ -290,12 +290,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(batch, num_heads, max_parts, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, max_parts, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
+    # 16-bit: 128-token tiles, 3 stages were the fastest of 10 configs on an H200 at batch 64-256, 1-1.5 %
+    # over (64, 2) (benchmarks/NOTES.md, decode_kernels.py); fp32 tiles of 32 tokens fit shared memory.
+    block_n = block_n or (32 if fp32 else 128)
+    num_stages = num_stages or (2 if fp32 else 3)
     _decode_partition_kernel[(batch, num_kv_heads, max_parts)](
         q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, _qk_scale(scale, softcap),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), sliding_window or 0,
         softcap or 0.0, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, PARTITION=partition, BLOCK_N=min(block_n, 32) if fp32 else block_n,
+        HEAD_DIM=head_dim, PARTITION=partition, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if fp32 else "tf32", SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )
