@@ -10,6 +10,12 @@ the experts that the step's tokens route to. With random routers routing is clos
 batch b touches E * (1 - (1 - k/E)^b) experts per layer in expectation (8 of 128 at batch 1, nearly all at
 256); step j's batch is the number of requests with more than j output tokens (all requests run at once).
 
+The serial floor is what a schedule reaches whose kernels run one after another at the ceilings: every
+prompt token's FLOPs at P, then each decode step's GEMMs at max(FLOPs / P, weight bytes / B) followed by
+its attention's K/V bytes / B. The floor above assumes instead that compute and memory traffic overlap
+perfectly (prefill under decode, attention under GEMMs); no engine that runs a step's kernels in sequence
+can beat the serial floor, so it says how much of the floor is within reach of kernel work alone.
+
     python benchmarks/roofline.py [--device cuda|cpu]     # prints the ceilings as JSON
 """
 
@@ -153,6 +159,19 @@ def floor(cost: ModelCost, requests: list[tuple[int, int]], ceilings: Ceilings, 
     compute_s = flops / (ceilings.matmul_flops * num_devices)
     memory_s = mem / (ceilings.bandwidth * num_devices)
     return Floor(max(compute_s, memory_s), compute_s, memory_s, flops, mem)
+
+
+def serial_floor(cost: ModelCost, requests: list[tuple[int, int]], ceilings: Ceilings,
+                 num_devices: int = 1) -> float:
+    """Seconds of the serial floor (module docstring) for requests [(prompt_len, output_len)]."""
+    rate, bw = ceilings.matmul_flops * num_devices, ceilings.bandwidth * num_devices
+    params = cost.active_params or cost.params
+    seconds = 2 * params * sum(p for p, _ in requests) / rate
+    for j in range(1, max(o for _, o in requests)):  # decode step j: requests with more than j outputs
+        live = [p + j for p, o in requests if o > j]
+        seconds += max(2 * params * len(live) / rate, step_weight_bytes(cost, len(live)) / bw)
+        seconds += sum(live) * cost.kv_bytes_per_token / bw
+    return seconds
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from hf_baseline import hf_generate, load_hf_model  # noqa: E402
 from models import SHAPES, rank_model  # noqa: E402
-from roofline import floor, measure_ceilings, model_cost, step_weight_bytes  # noqa: E402
+from roofline import floor, measure_ceilings, model_cost, serial_floor, step_weight_bytes  # noqa: E402
 from workload import Request, bench_requests  # noqa: E402
 
 CPU_DEFAULTS = {"num_requests": 16, "input_len": (16, 96), "output_len": (16, 96), "hf_requests": 16,
@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", help="write the result here (rank 0)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a decode-heavy run")
+    p.add_argument("--profile-tokens", type=int, default=64,
+                   help="output tokens per request of the profiled run (1: prefill alone)")
     p.add_argument("--cprofile", action="store_true", help="print the host-side Python hot spots of that run")
     names = [f"{v}{s}" for v in ("greedy", "sampled", "json", "logprobs") for s in ("", "-sync")]
     p.add_argument("--variants", nargs="*", default=[], choices=names,
@@ -125,7 +127,7 @@ def run_tprun(args, model_dir: Path, requests: list[Request]) -> dict:
     if args.device == "cuda":
         result["decode_step_timing"] = step_timing(llm, prompts)
     if args.profile:
-        profile_decode(llm, prompts, args.device)
+        profile_decode(llm, prompts, args.device, args.profile_tokens)
     if args.cprofile:
         cprofile_decode(llm, prompts)
     llm.shutdown()
@@ -207,13 +209,14 @@ def replay_cost(runner) -> dict:
             "gpu_ms": 1e3 * sorted(device)[5]}
 
 
-def profile_decode(llm, prompts: list[dict], device: str) -> None:
+def profile_decode(llm, prompts: list[dict], device: str, tokens: int = 64) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from tprun import SamplingParams
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.llm_engine.scheduler.block_manager.reset_prefix_cache()  # earlier runs cached these prompts
     sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -223,7 +226,7 @@ def profile_decode(llm, prompts: list[dict], device: str) -> None:
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     busy = sum(getattr(e, key) for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
-    print(f"profile: {len(prompts)} requests x 64 tokens, wall {wall:.2f} s, GPU kernels {busy:.2f} s", flush=True)
+    print(f"profile: {len(prompts)} requests x {tokens} tokens, wall {wall:.2f} s, GPU kernels {busy:.2f} s", flush=True)
     print(events.table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
 
 
@@ -276,8 +279,10 @@ def main() -> None:
     fl = floor(cost, lens, ceilings, devices)
     out_tokens = sum(o for _, o in lens)
     total_tokens = out_tokens + sum(p for p, _ in lens)
+    serial = serial_floor(cost, lens, ceilings, devices)
     tp |= {"output_tok_s": out_tokens / tp["seconds"], "total_tok_s": total_tokens / tp["seconds"],
-           "roofline_pct": 100 * fl.seconds / tp["seconds"]}
+           "roofline_pct": 100 * fl.seconds / tp["seconds"], "serial_floor_s": serial,
+           "serial_floor_pct": 100 * serial / tp["seconds"]}
     if "batch1_ms_per_token" in tp:
         bound_ms = step_weight_bytes(cost, 1) / devices / ceilings.bandwidth * 1e3  # MoE: k experts a layer
         tp |= {"batch1_bound_ms": bound_ms, "batch1_hbm_pct": 100 * bound_ms / tp["batch1_ms_per_token"]}
@@ -306,7 +311,8 @@ def print_table(r: dict) -> None:
           f"({c['matmul_shape']}); floor {f['seconds']:.2f} s (compute {f['compute_s']:.2f}, memory "
           f"{f['memory_s']:.2f})")
     print(f"tprun: {t['seconds']:.2f} s  {t['output_tok_s']:.0f} out tok/s  {t['total_tok_s']:.0f} total tok/s  "
-          f"{t['roofline_pct']:.1f}% of roofline  kv_blocks {t['kv_blocks']}  preemptions {t['preemptions']}"
+          f"{t['roofline_pct']:.1f}% of roofline ({t['serial_floor_pct']:.1f}% of the serial floor "
+          f"{t['serial_floor_s']:.2f} s)  kv_blocks {t['kv_blocks']}  preemptions {t['preemptions']}"
           + (f"  peak {t['peak_memory_GiB']:.1f} GiB" if "peak_memory_GiB" in t else ""))
     if "graph_replay" in t:
         g = t["graph_replay"]

@@ -5,7 +5,9 @@ is under test. Which group is slow is decided by events in the store, not by sle
 cannot change the outcome:
   without a stop: group 0 holds its first chunk until group 1 has one, which group 1 holds until group 0
                   found no chunk left (group 0 takes all the rest);
-  with a stop:    group 0 holds its first chunk until the stop is in the store (it stops at its next boundary).
+  with a stop:    group 0 holds its first chunk until the stop is in the store (it stops at its next boundary),
+                  and the stopping rank raises its flag only once group 0 holds that chunk (or a slow start of
+                  group 0 would find the stop before its first claim).
 
 Usage: chunks_check.py OUT_DIR NUM_CHUNKS DONE_CHUNKS(comma list) STOP_RANK STOP_AFTER
   STOP_RANK/STOP_AFTER: that rank raises its stop flag after it has worked STOP_AFTER chunks (-1: never).
@@ -29,6 +31,7 @@ TP = 2
 HOLD = datetime.timedelta(seconds=60)  # generous: only a broken claimer waits this long
 CLAIMED = "test/group1-claimed"
 EXHAUSTED = "test/group0-exhausted"
+OTHER_HOLDS = "test/other-group-holds-a-chunk"
 
 
 def main() -> None:
@@ -51,8 +54,10 @@ def main() -> None:
                 store.set(CLAIMED, "1")
             store.wait([EXHAUSTED if group == 1 else CLAIMED], HOLD)
         if len(worked) == 1 and stop_rank >= 0 and group != stop_rank // TP:
+            store.set(OTHER_HOLDS, "1")
             store.wait([keys.STOP], HOLD)
         if rank == stop_rank and len(worked) == stop_after:
+            store.wait([OTHER_HOLDS], HOLD)
             stop.request("test")
     if group == 0 and rank % TP == 0:
         store.set(EXHAUSTED, "1")
