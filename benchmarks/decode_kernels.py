@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from roofline import copy_bandwidth, matmul_rate
+from roofline import copy_bandwidth, graph_us, matmul_rate
 
 from tprun.worker.layers import attention_cuda as ac
 
@@ -183,19 +183,8 @@ def gemm_chain(bw: float) -> None:
                 for layer in ws:
                     for x, w in zip(xs, layer, strict=True):
                         torch.matmul(x, w.t()) if cfg is None else skinny_gemm(x, w, None, *cfg)
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                graph.replay()
-            end.record()
-            end.synchronize()
             name = "cuBLAS" if cfg is None else "skinny N{} K{} w{} s{}".format(*cfg)
-            record("chain", f"llama3-8b 32 layers m{m}", name, start.elapsed_time(end) * 100, nbytes, bw)
+            record("chain", f"llama3-8b 32 layers m{m}", name, graph_us(step, replays=10), nbytes, bw)
 
 
 def best(kind: str) -> None:

@@ -51,6 +51,24 @@ def time_median(fn: Callable[[], object], device: torch.device, warmup: int = 3,
     return statistics.median(times)
 
 
+def graph_us(fn: Callable[[], object], replays: int = 20) -> float:
+    """GPU microseconds of one call of fn, from replays of a CUDA graph of it: no launch gap or timing event
+    between its kernels but the graph's (fn must never sync the host)."""
+    fn()  # compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
 @dataclass
 class Ceilings:
     device_name: str

@@ -26,6 +26,7 @@ if "pydantic" not in sys.modules:  # the GPU image may lack pydantic: load tprun
         sys.modules["tprun"] = package
 
 import torch  # noqa: E402
+from roofline import graph_us  # noqa: E402
 
 from tprun.worker import sampling_race as sr  # noqa: E402
 from tprun.worker import sampling_race_cuda as rc  # noqa: E402
@@ -56,23 +57,6 @@ def to_device(values, dtype):
     return _UPLOADED[key]
 
 
-def gpu_us(fn, replays: int = 20) -> float:
-    """GPU microseconds of one call of fn, from replays of a CUDA graph of it (fn never syncs the host)."""
-    fn()  # compiles the kernels outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays
-
-
 def timings(rows: int, dtype: torch.dtype, peaked: bool) -> list[float]:
     """us: stats, full cut, race, race + stats, sample() with top-p, without; host us per sample() call."""
     x, temp, top_p, keys = data(rows, dtype, peaked)
@@ -80,7 +64,7 @@ def timings(rows: int, dtype: torch.dtype, peaked: bool) -> list[float]:
     tau = passes.cut(top_p)
     args = (list(range(rows)), [5] * rows, to_device)
     whole = sr.no_cut(dtype, rows, "cuda")
-    gpu = [gpu_us(fn) for fn in (lambda: rc.TritonPasses(x, temp).m, lambda: passes.cut(top_p),
+    gpu = [graph_us(fn) for fn in (lambda: rc.TritonPasses(x, temp).m, lambda: passes.cut(top_p),
                                          lambda: passes.race(keys, tau),
                                          lambda: rc.TritonPasses(x, temp).race(keys, whole),
                                          lambda: sr.sample(x, temp, top_p, *args),

@@ -216,7 +216,7 @@ def profile_decode(llm, prompts: list[dict], device: str, tokens: int = 64) -> N
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    llm.llm_engine.scheduler.block_manager.reset_prefix_cache()  # earlier runs cached these prompts
+    llm.reset_prefix_cache()  # earlier runs cached these prompts
     sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:

@@ -59,6 +59,21 @@ def _slice(L, stride, chunk_len, vocab):
 
 
 @triton.jit
+def _stats_start():
+    """The running stats before any block: m is finite, so a block of -inf (masked tokens) makes no NaN."""
+    return tl.full((), float("-inf"), tl.float32), tl.full((), -1e30, tl.float32), tl.full((), 0.0, tl.float32)
+
+
+@triton.jit
+def _stats_store(Part, xm, m, z, CHUNKS: tl.constexpr):
+    """This slice's stats partials, where stats_finish_kernel reads them."""
+    out = Part + tl.program_id(0) * 3 * CHUNKS + tl.program_id(1)
+    tl.store(out, xm)
+    tl.store(out + CHUNKS, m)
+    tl.store(out + 2 * CHUNKS, z)
+
+
+@triton.jit
 def _stats_update(x, s, xm, m, z):
     """One block into the running (largest logit, max of s = logit / T, sum of exp(s - max))."""
     new_m = tl.maximum(m, tl.max(s, axis=0))
@@ -72,17 +87,12 @@ def stats_kernel(L, InvT, Part, vocab, stride, chunk_len, CHUNKS: tl.constexpr, 
     row = tl.program_id(0)
     base, lo, hi = _slice(L, stride, chunk_len, vocab)
     inv_t = tl.load(InvT + row)
-    xm = tl.full((), float("-inf"), tl.float32)
-    m = tl.full((), -1e30, tl.float32)  # finite: a block of -inf (masked tokens) must not make NaN
-    z = tl.full((), 0.0, tl.float32)
+    xm, m, z = _stats_start()
     for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < hi, other=float("-inf")).to(tl.float32)
         xm, m, z = _stats_update(x, x * inv_t, xm, m, z)
-    out = Part + row * 3 * CHUNKS + tl.program_id(1)
-    tl.store(out, xm)
-    tl.store(out + CHUNKS, m)
-    tl.store(out + 2 * CHUNKS, z)
+    _stats_store(Part, xm, m, z, CHUNKS)
 
 
 @triton.jit
@@ -169,9 +179,7 @@ def race_kernel(L, InvT, Keys, Tau, Skip, Best, Arg, StatsPart, vocab, stride, c
     tau = tl.load(Tau + row)
     best = tl.full((), float("-inf"), tl.float32)
     best_i = tl.full((), 0, tl.int32)
-    xm = tl.full((), float("-inf"), tl.float32)
-    m = tl.full((), -1e30, tl.float32)
-    z = tl.full((), 0.0, tl.float32)
+    xm, m, z = _stats_start()
     for start in tl.range(first, end, BLOCK, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
@@ -195,10 +203,7 @@ def race_kernel(L, InvT, Keys, Tau, Skip, Best, Arg, StatsPart, vocab, stride, c
     tl.store(Best + row * CHUNKS + tl.program_id(1), best)
     tl.store(Arg + row * CHUNKS + tl.program_id(1), best_i)
     if STATS:
-        out = StatsPart + row * 3 * CHUNKS + tl.program_id(1)
-        tl.store(out, xm)
-        tl.store(out + CHUNKS, m)
-        tl.store(out + 2 * CHUNKS, z)
+        _stats_store(StatsPart, xm, m, z, CHUNKS)
 
 
 @triton.jit
